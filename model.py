@@ -1,0 +1,259 @@
+"""
+A LLaMA-style GPT language model, all of it in this one file.
+
+This is the model the five low-rank pre-training papers train (ReLoRA, SwitchLoRA, GaLore/GoLore,
+LoQT all use the HF LLaMA modelling file; see METHODS.md §1):
+  - RMSNorm (eps 1e-6) before attention and before the MLP, and once more before the head
+  - rotary position embeddings (RoPE) on queries and keys
+  - causal attention through F.scaled_dot_product_attention
+  - SwiGLU MLP: down(silu(gate(x)) * up(x))
+  - no biases in any linear layer; input embedding and lm_head untied by default
+  - every Linear and Embedding initialised N(0, 0.02)
+
+Module names follow the HF LLaMA names (`layers.3.self_attn.q_proj`, `layers.3.mlp.gate_proj`),
+so a method finds its target layers the way the original repos do: every nn.Linear whose name
+contains "attn" or "mlp" (`adapted_linear_names` below). `lm_head` is deliberately not matched.
+
+    from model import GPT, get_config
+    model = GPT(get_config("tiny", vocab_size=257))
+    logits, loss = model(idx, targets)          # idx, targets: (B, T) int64
+"""
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * g, computed in float32 (as HF LLaMA does)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cache(seq_len, head_dim, theta=10000.0):
+    """cos/sin tables of shape (seq_len, head_dim) for rotary embeddings (HF 'rotate_half' layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    t = torch.arange(seq_len, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)  # (T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, nh, T, hd). Rotates pairs (i, i + hd/2) by the position angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, T, C = x.shape
+        # (B, T, C) -> (B, nh, T, hd)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 257
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    intermediate_size: int = 352
+    max_seq_len: int = 1024
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    init_std: float = 0.02  # initializer_range
+    tie_embeddings: bool = False
+
+
+# (hidden h, intermediate f, layers L, heads, max_seq_len): the original configs (METHODS.md §9)
+PRESETS = {
+    "tiny": (128, 352, 4, 4, 256),  # ~0.87M params with the 257-token byte vocabulary: the CPU default
+    "llama_9m": (128, 352, 4, 4, 1024),
+    "llama_20m": (256, 688, 4, 4, 1024),
+    "llama_35m": (384, 1024, 6, 8, 1024),
+    "llama_40m": (416, 1024, 8, 8, 1024),
+    "llama_60m": (512, 1376, 8, 8, 1024),
+    "llama_71m": (512, 1368, 12, 8, 1024),
+    "llama_100m": (640, 1708, 12, 10, 1024),
+    "llama_130m": (768, 2048, 12, 12, 1024),
+    "llama_250m": (768, 2560, 24, 16, 1024),
+    "llama_350m": (1024, 2736, 24, 16, 1024),
+    "llama_1b": (2048, 5461, 24, 32, 1024),
+    "llama_3b": (2560, 6848, 32, 32, 1024),
+    "llama_7b": (4096, 11008, 32, 32, 2048),
+}
+
+
+def get_config(name_or_path, vocab_size):
+    """A preset name or a JSON file in the original repos' (HF LlamaConfig) format.
+
+    The vocabulary always comes from the tokenizer; a JSON's own `vocab_size` is ignored (the
+    originals' 32000/32100 belong to the T5 tokenizer, which this project does not use)."""
+    if name_or_path in PRESETS:
+        h, f, n_layer, n_head, seq = PRESETS[name_or_path]
+    elif name_or_path.endswith(".json"):
+        if not os.path.isfile(name_or_path):
+            raise FileNotFoundError(f"model config file not found: {name_or_path}")
+        with open(name_or_path) as fh:
+            js = json.load(fh)
+        try:
+            h, f = js["hidden_size"], js["intermediate_size"]
+            n_layer, n_head = js["num_hidden_layers"], js["num_attention_heads"]
+        except KeyError as e:
+            raise ValueError(f"model config {name_or_path} lacks the key {e}") from None
+        seq = js.get("max_sequence_length", js.get("max_position_embeddings", 1024))
+    else:
+        raise ValueError(f"unknown model config '{name_or_path}'; presets: {', '.join(PRESETS)}, or a .json file")
+    if h % n_head or (h // n_head) % 2:
+        raise ValueError(f"hidden size {h} must split into {n_head} heads of even size")
+    return GPTConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=h,
+                     intermediate_size=f, max_seq_len=seq)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_cache(cfg.max_seq_len, cfg.n_embd // cfg.n_head, cfg.rope_theta)
+        # not persistent: recomputed from the config, so they never bloat checkpoints
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.embed_tokens(idx)  # (B, T, C)
+        for block in self.layers:
+            x = block(x, cos, sin)
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    def num_params(self, trainable_only=False):
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token: 6 per weight (forward + backward) plus attention scores."""
+        c = self.config
+        n = sum(p.numel() for p in self.parameters()) - self.embed_tokens.weight.numel()
+        return 6 * n + 12 * c.n_layer * c.n_embd * seq_len
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Sample max_new_tokens after the prompt idx (B, T); temperature 0 means greedy."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.max_seq_len:])
+            logits = logits[:, -1, :].float()
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                probs = F.softmax(logits, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)
+            idx = torch.cat((idx, nxt), dim=1)
+        return idx
+
+
+def adapted_linear_names(model):
+    """Names of the linears the original repos adapt: every nn.Linear whose name has attn/mlp."""
+    return [n for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and ("attn" in n or "attention" in n or "mlp" in n)]
+
+
+def count_params_formula(cfg: GPTConfig):
+    """Closed form (METHODS.md §9): L·(4h² + 3h·f + 2h) + 2·V·h + h (untied)."""
+    h, f, L, V = cfg.n_embd, cfg.intermediate_size, cfg.n_layer, cfg.vocab_size
+    return L * (4 * h * h + 3 * h * f + 2 * h) + (1 if cfg.tie_embeddings else 2) * V * h + h
+
+
+def load_plain(path, map_location="cpu"):
+    """Load a `model.pt` written by train.py: {'config': dict, 'model': state_dict} -> GPT."""
+    obj = torch.load(path, map_location=map_location, weights_only=True)
+    model = GPT(GPTConfig(**obj["config"]))
+    model.load_state_dict(obj["model"])
+    return model
+
+
+def save_plain(model_or_state, config: GPTConfig, path):
+    sd = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    torch.save({"config": asdict(config), "model": {k: v.detach().cpu() for k, v in sd.items()}}, path)
+
+
+if __name__ == "__main__":
+    for name in PRESETS:
+        cfg = get_config(name, vocab_size=32000)
+        print(f"{name:12s} {count_params_formula(cfg) / 1e6:8.1f}M params (vocab 32000)")
