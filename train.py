@@ -417,7 +417,9 @@ def main(argv=None):
     wrapped = ddp and (method.use_ddp(mc, tc) if hook("use_ddp") else True)
     if wrapped:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        import inspect  # buffers are identical on every rank by construction: no per-forward broadcast
+        no_sync_kw = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **{no_sync_kw: False})
 
     stop = {"flag": False}
     def on_signal(signum, frame):  # noqa: E306
