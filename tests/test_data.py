@@ -1,0 +1,117 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import data
+
+
+def test_byte_tokenizer_roundtrip_and_vocab():
+    enc = data.byte_tokenizer()
+    text = "Héllo, wörld <|endoftext|> ✓"
+    ids = enc.encode_ordinary(text)  # the special string is plain text here
+    assert enc.n_vocab == 257 and enc.eot_token == 256
+    assert max(ids) < 256 and enc.decode(ids) == text
+
+
+def test_builtin_shards_split_and_meta(data_dir):
+    folder = data.prepare("builtin", tokenizer="bytes", data_dir=data_dir, log=lambda *a: None)
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    assert meta["tokenizer"] == "bytes" and meta["vocab_size"] == 257
+    assert meta["train_tokens"] > 400_000 and meta["val_tokens"] > 10_000  # a few hundred KB of English
+    frac = meta["val_tokens"] / (meta["train_tokens"] + meta["val_tokens"])
+    assert 0.03 < frac < 0.07
+    for split in ("train", "val"):
+        assert os.path.getsize(os.path.join(folder, f"{split}.bin")) == 2 * meta[f"{split}_tokens"]
+
+
+def test_prepare_is_deterministic_and_reused(tmp_path):
+    a = data.prepare("builtin", tokenizer="bytes", data_dir=str(tmp_path / "a"), log=lambda *a: None)
+    b = data.prepare("builtin", tokenizer="bytes", data_dir=str(tmp_path / "b"), log=lambda *a: None)
+    for split in ("train.bin", "val.bin"):
+        assert open(os.path.join(a, split), "rb").read() == open(os.path.join(b, split), "rb").read()
+    msgs = []
+    assert data.prepare("builtin", tokenizer="bytes", data_dir=str(tmp_path / "a"), log=msgs.append) == a
+    assert msgs == []  # second call reuses the shards
+
+
+def test_train_and_val_tokens_are_disjoint_blocks(tmp_path):
+    # a corpus of distinct numbered lines: every block of the stream lands in exactly one split
+    text = "".join(f"line {i:06d}\n" for i in range(20000))
+    (tmp_path / "c.txt").write_text(text)
+    folder = data.prepare(str(tmp_path / "c.txt"), tokenizer="bytes", data_dir=str(tmp_path / "cache"), log=lambda *a: None)
+    td = data.TokenData(folder, 32)
+    train, val = bytes(np.asarray(td.tokens("train"), dtype=np.uint8)), bytes(np.asarray(td.tokens("val")[:-1], dtype=np.uint8))
+    whole = text.encode()
+    assert len(train) + len(val) + 1 == len(whole) + 1  # + the end-of-text token
+    assert val[200:264] in whole and val[200:264] not in train
+
+
+def test_batches_depend_only_on_seed_and_step(data_dir):
+    folder = data.prepare("builtin", tokenizer="bytes", data_dir=data_dir, log=lambda *a: None)
+    td = data.TokenData(folder, 32, seed=0)
+    x1, y1 = td.batch(step=5, batch_size=4, total_batch_size=8)
+    x2, y2 = td.batch(step=5, batch_size=4, total_batch_size=8)
+    assert torch.equal(x1, x2) and torch.equal(y1[:, :-1], x1[:, 1:])  # targets are inputs shifted by one
+    assert not torch.equal(x1, td.batch(step=6, batch_size=4, total_batch_size=8)[0])
+    assert not torch.equal(x1, data.TokenData(folder, 32, seed=1).batch(5, 4, 8)[0])
+    # the global batch is the same however it is split over micro-steps and ranks
+    big = td.batch(5, 8, 8)[0]
+    assert torch.equal(torch.cat([td.batch(5, 4, 8, micro=m)[0] for m in range(2)]), big)
+    assert torch.equal(torch.cat([td.batch(5, 4, 8, rank=r, world=2)[0] for r in range(2)]), big)
+    assert not torch.equal(td.batch(5, 4, 8, rank=0, world=2)[0], td.batch(5, 4, 8, rank=1, world=2)[0])
+
+
+def test_validation_windows_are_fixed(data_dir):
+    folder = data.prepare("builtin", tokenizer="bytes", data_dir=data_dir, log=lambda *a: None)
+    td = data.TokenData(folder, 32)
+    w = td.val_windows(1024)
+    assert w.shape == (32, 33) and torch.equal(w, td.val_windows(1024))
+    val = np.asarray(td.tokens("val"))
+    assert torch.equal(w[1], torch.from_numpy(val[32:65].astype(np.int64)))
+
+
+def test_local_txt_jsonl_parquet_and_folder(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    docs = [f"document number {i} " * 30 for i in range(40)]
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text(docs[0])
+    with open(tmp_path / "src" / "b.jsonl", "w") as fh:
+        for d in docs[1:20]:
+            fh.write(json.dumps({"text": d}) + "\n")
+    pq.write_table(pa.table({"text": docs[20:]}), tmp_path / "src" / "c.parquet")
+    folder = data.prepare(str(tmp_path / "src"), tokenizer="bytes", data_dir=str(tmp_path / "cache"), log=lambda *a: None)
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    assert meta["train_tokens"] + meta["val_tokens"] == sum(len(d) + 1 for d in docs)  # bytes + one EOT each
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(data.DataError, match="neither"):
+        data.prepare(str(tmp_path / "nope"), tokenizer="bytes", data_dir=str(tmp_path))
+    (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
+    with pytest.raises(data.DataError, match="'text' field"):
+        data.prepare(str(tmp_path / "bad.jsonl"), tokenizer="bytes", data_dir=str(tmp_path))
+    (tmp_path / "short.txt").write_text("too short")
+    folder = data.prepare(str(tmp_path / "short.txt"), tokenizer="bytes", data_dir=str(tmp_path))
+    with pytest.raises(data.DataError, match="fewer than one window"):
+        data.TokenData(folder, 128)
+
+
+def test_hub_dataset_is_streamed_up_to_the_token_budget(tmp_path, monkeypatch):
+    import datasets
+    calls = {}
+
+    def fake_load_dataset(name, config=None, split=None, streaming=False):
+        calls.update(name=name, config=config, split=split, streaming=streaming)
+        return ({"text": f"doc {i} " * 50} for i in range(10**6))  # "endless" stream
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert data.is_hub_name("allenai/c4") and not data.is_hub_name("builtin")
+    folder = data.prepare("allenai/c4", "en", tokenizer="bytes", data_dir=str(tmp_path), max_tokens=20_000,
+                          log=lambda *a: None)
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    assert calls == {"name": "allenai/c4", "config": "en", "split": "train", "streaming": True}
+    assert meta["train_tokens"] + meta["val_tokens"] == 20_000

@@ -1,0 +1,183 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+from conftest import ROOT, TINY, run_cli
+from model import GPT, load_plain
+
+
+def weights(save_dir):
+    return torch.load(os.path.join(save_dir, "model.pt"), weights_only=True)["model"]
+
+
+def max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_default_command_smoke(data_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("--num_training_steps", "3", "--eval_every", "3", "--eval_tokens", "2048", "--sample_tokens", "20",
+                   "--data_dir", data_dir, "--save_dir", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "val_loss" in proc.stdout and "sample:" in proc.stdout
+    for f in ("config.json", "metrics.jsonl", "summary.json", "ckpt.pt", "model.pt", "loss.png"):
+        assert (out / f).is_file(), f
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("val_loss", "val_ppl", "train_loss", "steps", "tokens", "wall_time_s", "tokens_per_sec", "total_params",
+                "trainable_params", "param_bytes", "grad_bytes", "optimizer_state_bytes", "peak_memory_bytes"):
+        assert key in summary, key
+    assert summary["steps"] == 3 and summary["tokens"] == 3 * 16 * 128
+    assert summary["param_bytes"] == 4 * summary["total_params"]  # float32, nothing else stored
+    # Adam's two moments, plus one scalar step tensor per parameter
+    assert 0 <= summary["optimizer_state_bytes"] - 2 * summary["param_bytes"] <= 8 * 64
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["lr"] == 3e-3 and "git_commit" in config
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in r for r in records) and all("step" in r and "tokens" in r for r in records)
+
+
+def test_loss_falls(train_run):
+    out = train_run("--num_training_steps", "25", "--eval_every", "25", "--lr", "3e-3", "--warmup_steps", "2")
+    losses = [r["loss"] for r in out["metrics"] if "loss" in r]
+    assert losses[-1] < losses[0] - 1.0
+    assert out["summary"]["val_loss"] < 4.0  # from ln(257) = 5.55
+
+
+def test_gradient_accumulation_equals_one_big_batch(train_run, tmp_path):
+    train_run("--batch_size", "8", "--total_batch_size", "8", save_dir=tmp_path / "big")
+    train_run("--batch_size", "2", "--total_batch_size", "8", save_dir=tmp_path / "ga4")
+    assert max_diff(weights(tmp_path / "big"), weights(tmp_path / "ga4")) < 1e-6
+
+
+def test_resume_equals_unbroken_run(train_run, tmp_path):
+    train_run("--num_training_steps", "6", save_dir=tmp_path / "a")
+    first = train_run("--num_training_steps", "6", "--stop_at_step", "3", save_dir=tmp_path / "b")
+    assert first["summary"]["interrupted"] and first["summary"]["steps"] == 3
+    assert not (tmp_path / "b" / "model.pt").exists()
+    second = train_run("--num_training_steps", "6", "--autoresume", save_dir=tmp_path / "b")
+    assert second["summary"]["steps"] == 6
+    assert max_diff(weights(tmp_path / "a"), weights(tmp_path / "b")) < 1e-6
+    a = json.loads((tmp_path / "a" / "summary.json").read_text())
+    b = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert abs(a["val_loss"] - b["val_loss"]) < 1e-6
+
+
+def test_model_pt_loads_into_model_py_alone(train_run, tmp_path):
+    train_run(save_dir=tmp_path / "r")
+    plain = load_plain(tmp_path / "r" / "model.pt").eval()
+    ck = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
+    ref = GPT(plain.config).eval()
+    ref.load_state_dict(ck["model"])
+    x = torch.randint(0, 257, (2, 32))
+    assert torch.equal(plain(x)[0], ref(x)[0])
+
+
+def test_warm_start_from_a_plain_model(train_run, tmp_path):
+    train_run("--num_training_steps", "20", "--lr", "3e-3", save_dir=tmp_path / "warm")
+    fresh = train_run("--num_training_steps", "2", save_dir=tmp_path / "fresh")
+    warm = train_run("--num_training_steps", "2", "--warmed_up_model", tmp_path / "warm" / "model.pt", save_dir=tmp_path / "w2")
+    assert warm["metrics"][0]["loss"] < fresh["metrics"][0]["loss"] - 0.5
+    with pytest.raises(train.TrainingError, match="does not fit"):
+        train_run("--model_config", "llama_20m", "--warmed_up_model", tmp_path / "warm" / "model.pt", save_dir=tmp_path / "w3")
+    with pytest.raises(train.TrainingError, match="not found"):
+        train_run("--warmed_up_model", tmp_path / "nope.pt", save_dir=tmp_path / "w4")
+
+
+def test_ddp_two_ranks_equal_one_rank_with_accumulation(train_run, torchrun, tmp_path):
+    """2 ranks x batch 4 see exactly the windows of 1 rank x 2 micro-steps x batch 4 (data.py)."""
+    torchrun("--total_batch_size", "8", "--check_ranks_every", "1", save_dir=tmp_path / "ddp")
+    train_run("--total_batch_size", "8", save_dir=tmp_path / "ga")
+    assert max_diff(weights(tmp_path / "ddp"), weights(tmp_path / "ga")) < 1e-6
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_raise_one_clear_error(train_run, tmp_path):
+    cases = [
+        (("--method", "lora_of_the_rings"), "unknown method"),
+        (("--model_config", "llama_9000m"), "unknown model config"),
+        (("--dataset", str(tmp_path / "missing.txt")), "neither 'builtin', an existing path"),
+        (("--total_batch_size", "6"), "multiple of --batch_size"),
+        (("--max_length", "512"), "exceeds the model's max_seq_len"),
+        (("--scheduler", "triangle"), "unknown --scheduler"),
+        (("--dtype", "float8"), "unknown --dtype"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError if "model config" in message or "builtin" in message else train.TrainingError,
+                           match=message):
+            train_run(*args, save_dir=tmp_path / "bad")
+    (tmp_path / "short.txt").write_text("a few words only")
+    with pytest.raises(ValueError, match="fewer than one window"):
+        train_run("--dataset", tmp_path / "short.txt", save_dir=tmp_path / "bad")
+
+
+def test_cli_prints_one_line_and_exits_2(data_dir, tmp_path):
+    proc = run_cli("--method", "nope", "--data_dir", data_dir, "--save_dir", tmp_path / "x")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "unknown method 'nope'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_corrupt_or_mismatched_checkpoint_is_refused_and_left_intact(data_dir, train_run, tmp_path):
+    save = tmp_path / "c"
+    save.mkdir()
+    (save / "ckpt.pt").write_bytes(b"not a checkpoint")
+    proc = run_cli(*TINY, "--autoresume", "--data_dir", data_dir, "--save_dir", save)
+    assert proc.returncode == 2 and "corrupt" in proc.stderr and "Traceback" not in proc.stderr
+    assert (save / "ckpt.pt").read_bytes() == b"not a checkpoint"
+    train_run(save_dir=tmp_path / "m")
+    before = (tmp_path / "m" / "ckpt.pt").read_bytes()
+    with pytest.raises(train.TrainingError, match="model_config"):
+        train_run("--model_config", "llama_9m", "--autoresume", save_dir=tmp_path / "m")
+    assert (tmp_path / "m" / "ckpt.pt").read_bytes() == before
+
+
+def test_nan_loss_stops_with_last_good_checkpoint_intact(train_run, tmp_path):
+    save = tmp_path / "n"
+    with pytest.raises(train.TrainingError, match="loss is"):
+        train_run("--lr", "1e9", "--warmup_steps", "0", "--grad_clipping", "0", "--save_every", "1",
+                  "--num_training_steps", "20", save_dir=save)
+    ck = torch.load(save / "ckpt.pt", weights_only=True)
+    assert 1 <= ck["step"] < 20
+    assert all(math.isfinite(r.get("loss", 0.0)) for r in ck["records"])  # saved before the NaN appeared
+
+
+def test_sigterm_saves_a_checkpoint_and_autoresume_finishes(data_dir, tmp_path):
+    save = tmp_path / "s"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--num_training_steps", "100000",
+           "--eval_every", "100000", "--data_dir", data_dir, "--save_dir", str(save)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    for line in proc.stdout:
+        if line.startswith("step 3 "):
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=60) == 0, rest
+    assert "checkpoint saved" in rest
+    step = torch.load(save / "ckpt.pt", weights_only=True)["step"]
+    assert 3 <= step < 100000
+    done = run_cli(*TINY, "--num_training_steps", str(step + 2), "--autoresume", "--data_dir", data_dir, "--save_dir", save)
+    assert done.returncode == 0 and "resumed from" in done.stdout
+    assert json.loads((save / "summary.json").read_text())["steps"] == step + 2
+
+
+def test_bench_writes_a_table_with_ratios(data_dir, tmp_path):
+    import bench
+    rc = bench.main(["--methods", "full", "--out", str(tmp_path / "b"), *TINY, "--num_training_steps", "2",
+                     "--data_dir", data_dir])
+    assert rc == 0
+    md = (tmp_path / "b" / "bench.md").read_text()
+    assert "| full |" in md and "1.00x" in md and "| 1.000 |" in md
+    assert (tmp_path / "b" / "bench_loss.png").is_file() and (tmp_path / "b" / "bench_memory.png").is_file()
