@@ -410,8 +410,8 @@ def main(argv=None):
         with open(os.path.join(tc.save_dir, "config.json"), "w") as fh:
             json.dump({"train": dataclasses.asdict(tc), "method": dataclasses.asdict(mc), "git_commit": git_commit(),
                        "argv": sys.argv if argv is None else list(argv)}, fh, indent=1)
-        if start_step == 0:  # a fresh run starts a fresh log
-            open(os.path.join(tc.save_dir, "metrics.jsonl"), "w").close()
+        with open(os.path.join(tc.save_dir, "metrics.jsonl"), "w") as fh:  # the log up to the checkpoint, no later
+            fh.writelines(json.dumps(r) + "\n" for r in records)
 
     model = torch.compile(raw) if tc.compile else raw
     wrapped = ddp and (method.use_ddp(mc, tc) if hook("use_ddp") else True)

@@ -1,0 +1,85 @@
+# %% [markdown]
+# # 00 · Every method side by side
+#
+# One model (`tiny`), one data stream (the built-in corpus), one seed, one token budget: every
+# method of this repo trained through `bench.py`, which runs each in its own process and measures
+# everything against `full` from the same invocation. Each method runs with the defaults of its
+# file (chosen for `tiny`; the paper defaults are in each file's docstring).
+#
+# What to look for:
+# - **loss at equal tokens**: low-rank methods trade some loss per token for memory;
+# - **memory**: what is stored for weights, gradients and optimizer state, per method;
+# - **step time**: the price of adapters, switches, projections and quantization on a CPU.
+#
+# These are CPU numbers on a byte-level 0.9M-parameter model: they do not compare with the papers'
+# tables (C4, T5 tokenizer, 60M-7B parameters). Set `FAST = False` for the full setting.
+
+# %%
+import json
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.abspath(".."))
+import matplotlib.pyplot as plt
+from IPython.display import Markdown, display
+
+import bench
+import train
+
+FAST = os.environ.get("FAST") == "1"  # the tests run every notebook with FAST=1 (seconds)
+STEPS = 10 if FAST else 200
+METHODS = [m for m in ["full", "relora", "switchlora", "golore", "lte", "loqt"] if m in train.available_methods()]
+OUT = tempfile.mkdtemp(prefix="compare_")
+print("methods:", METHODS, "| updates:", STEPS)
+
+# %%
+args = ["--methods", ",".join(METHODS), "--out", OUT, "--num_training_steps", str(STEPS),
+        "--eval_every", str(max(1, STEPS // 5)), "--warmup_steps", str(max(1, STEPS // 10)),
+        "--sample_tokens", "0", "--data_dir", os.path.abspath("../data_cache")]
+assert bench.main(args) == 0
+
+# %% [markdown]
+# ## The table
+# `step time vs full` is the full-rank tokens/s divided by the method's; `val loss vs full` is the
+# ratio of final validation losses at the same number of tokens.
+
+# %%
+display(Markdown(open(os.path.join(OUT, "bench.md")).read()))
+
+# %%
+results = json.load(open(os.path.join(OUT, "bench.json")))
+
+
+def curve(method, key):
+    rows = [json.loads(line) for line in open(os.path.join(OUT, method, "metrics.jsonl"))]
+    return [r["tokens"] for r in rows if key in r], [r[key] for r in rows if key in r]
+
+
+fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+for m in METHODS:
+    axes[0].plot(*curve(m, "val_loss"), "o-", ms=3, label=m)
+axes[0].set(xlabel="tokens", ylabel="validation loss", title="loss at equal tokens")
+axes[0].legend(fontsize=8)
+names = list(results)
+bottom = [0.0] * len(names)
+for key, label in (("param_bytes", "weights"), ("grad_bytes", "gradients"), ("optimizer_state_bytes", "optimizer")):
+    vals = [results[m][key] / 2**20 for m in names]
+    axes[1].bar(names, vals, bottom=bottom, label=label)
+    bottom = [b + v for b, v in zip(bottom, vals)]
+axes[1].set(ylabel="MiB", title="stored state")
+axes[1].legend(fontsize=8)
+axes[1].tick_params(axis="x", rotation=30)
+full_tps = results["full"]["tokens_per_sec"]
+axes[2].bar(names, [full_tps / results[m]["tokens_per_sec"] for m in names], color="gray")
+axes[2].axhline(1.0, color="k", lw=0.8)
+axes[2].set(ylabel="step time / full", title="speed (CPU)")
+axes[2].tick_params(axis="x", rotation=30)
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## What to try next
+# - Raise `STEPS` (and `--num_training_steps`) to see whether the gaps close with more tokens.
+# - Give a method its paper settings through `bench.py --method_args "relora=--lora_r 64 --relora 100"`.
+# - On a GPU: `python bench.py --model_config llama_60m --dtype bfloat16 --num_training_steps 500`.
