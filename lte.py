@@ -1,0 +1,370 @@
+"""
+LTE, LoRA-the-Explorer: pre-training from scratch with many LoRA heads trained in parallel.
+
+Paper: "Training Neural Networks from Scratch with Parallel Low-Rank Adapters",
+Minyoung Huh, Brian Cheung, Jeremy Bernstein, Phillip Isola, Pulkit Agrawal, 2024, arXiv 2402.16828.
+Official code: github.com/minyoungg/LTE (METHODS.md §6).
+
+The idea
+--------
+Every linear layer keeps a frozen main weight W (m×n) and N LoRA "heads" (A_h r×n, B_h m×r).
+Each head plays the part of one worker: during training the batch is cut into N equal chunks
+and chunk h goes through head h only,
+
+    y_h = W x_h + s·(B_h A_h − B_h' A_h') x_h,        s = lora_alpha / r,
+
+where (A_h', B_h') are head h's factors at the last merge (zero at first). Every T = merge_iter
+updates the heads' progress since the last merge is averaged into the main weight,
+
+    W ← W + (1/N) Σ_h s·(B_h A_h − B_h' A_h'),        then A_h' ← A_h, B_h' ← B_h,
+
+and the heads carry on from where they are ("reset-less", what the official code does). Right
+after a merge every head computes exactly W again. Evaluation uses W alone. A merge moves W to
+the mean of the heads' effective weights, so it preserves that mean, not each head's function.
+Only the merges would need to communicate between real workers; `--mode local` makes that true.
+
+Implementation details
+----------------------
+1. Head h of every linear (lm_head included, as the original converts every nn.Linear): A_h is
+   semi-orthogonal (orthonormal rows) times √(n/r); B_h = 0; so the model is unchanged at init.
+2. All N heads run in two batched products, (N, b·T, n) @ A^T @ B^T, with no loop over heads;
+   the main-weight product W x is computed once for the whole batch. The reset-less correction
+   rides along: [A_h; A_h'] and [B_h, −B_h'] are one rank-2r factor pair.
+3. The merge averages over heads with one (m × 2Nr)(2Nr × n) product in float32, never N full
+   m×n matrices. A merge also runs after the last update, so model.pt holds every head's work.
+4. Embeddings and RMSNorm gains (`--non_linear`): `replica` (default) keeps one copy per head,
+   copy h trained on chunk h and all copies averaged at each merge (the original's replica
+   layers); `shared` keeps one copy trained on the whole batch and merged the same way;
+   `frozen` leaves them at init. Evaluation uses the merged copy, like W.
+5. `--mode mhlora`: no chunks and no merges; every head sees the whole batch and
+   y = W x + Σ_h s·B_h A_h x (a sum: N heads of rank r are one LoRA of rank N·r). Evaluation
+   and model.pt use W + Σ_h s·B_h A_h. This is the original's sanity check.
+6. `--reset_lora`: the paper's main-text variant. After each merge A_h ← a fresh semi-orthogonal
+   draw (torch.Generator seeded with (seed, step), same on every rank), B_h ← 0, the prev
+   factors stay 0, and the Adam moments of A and B are zeroed (the step count is kept).
+7. Under torchrun, `--mode ddp` (default) is the original: torch DDP averages every head's
+   gradient every update, so head h learns from chunk h of every rank. `--mode local` is the
+   multi-worker version: no DDP; each rank trains on its own data, and at a merge the ranks
+   all-reduce the mean head update (m×n per layer) and the replicas. Reset-less heads are also
+   averaged over ranks then (local SGD on the factors) so that all ranks agree after a merge;
+   with `--reset_lora` the fresh heads agree by construction and nothing else travels. Adam
+   moments stay local; get_state gathers every rank's own tensors so a resume is exact.
+8. `comm_bytes_per_step` counts the payload all-reduced per update (float32 tensor sizes,
+   averaged over a merge period) against full-rank DDP; merges log it as method/comm_MB.
+
+Deviations from the official code
+---------------------------------
+- The original's 'dmp' mode (N physical copies of W) is left out: it computes the same thing
+  as 'ddp' more slowly. The removed √α scaling for q/k projections is not used.
+- Evaluation uses the merged copy of replicas, not replica 0 (they agree right after a merge;
+  between merges this keeps evaluation identical on every rank in local mode).
+- The final merge after the last update (detail 3); reset zeroes the prev factors and the LoRA
+  Adam moments (the original reset helper leaves prev stale); no LoRA bias (LLaMA has none).
+
+Some warnings
+-------------
+- The batch (--batch_size, per device) must divide into num_heads chunks; each head learns from
+  batch_size/num_heads sequences per update, so LTE needs more tokens than full-rank training.
+- s is large (α=4096, r=32 gives 128) and the paper pairs it with 0.05-0.1× the usual LR; the
+  product s·lr is what matters. Similar train losses can hide very different val losses.
+- Weights stay float32 (train.py autocasts): the merges add small deltas to W.
+- Memory: N heads of factors and their Adam moments, plus prev factors, plus N replicas of the
+  embedding (N·V·C: large for a 50k vocabulary; use --non_linear shared or frozen there).
+- `--mode ddp` communicates N·r·(m+n) gradient entries per layer per update: more than
+  full-rank DDP whenever N·r > mn/(m+n). Only `--mode local` realises LTE's saving.
+- Local mode under torchrun: ranks differ between merges, so use --check_ranks_every merge_iter.
+
+Paper / README defaults vs the defaults here (for `tiny`: 4 layers, width 128, batch 16)
+    paper & README: --num_heads 32 --lora_r 32 --lora_alpha 4096 --merge_iter 10 (LR 0.05-0.1×);
+                    paper main table r = 64; LTEConfig library defaults r=8, α=16, 1 head, merge 1
+    here:           --num_heads 4 --lora_r 32 --lora_alpha 512 --merge_iter 10 at the usual --lr
+
+Usage
+    python train.py --method lte                                     # tiny, 4 heads
+    python train.py --method lte --mode mhlora                       # the sanity check
+    python train.py --method lte --num_heads 8 --lora_r 16 --merge_iter 1
+    torchrun --nproc-per-node 2 train.py --method lte --mode local --check_ranks_every 10
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Config:
+    num_heads: int = field(default=4, metadata={"help": "N: LoRA heads per linear, one batch chunk each (paper 32)"})
+    lora_r: int = field(default=32, metadata={"help": "r: rank of each head (paper 32-64)",
+                                              "aliases": ["--lora_rank", "--rank"]})
+    lora_alpha: float = field(default=512.0, metadata={"help": "alpha: head scaling s = alpha / r (paper 4096)"})
+    merge_iter: int = field(default=10, metadata={"help": "T: merge the heads into W every T updates (paper 10)",
+                                                  "aliases": ["--merge_steps"]})
+    mode: str = field(default="ddp", metadata={
+        "help": "ddp: heads on batch chunks, torch DDP under torchrun | local: ranks are separate workers "
+                "that only communicate at merges | mhlora: every head sees the whole batch, summed, no merge",
+        "choices": ["ddp", "local", "mhlora"]})
+    reset_lora: bool = field(default=False, metadata={"help": "re-initialise the heads after each merge "
+                                                                "(the paper's main-text variant)"})
+    non_linear: str = field(default="replica", metadata={
+        "help": "embeddings and norm gains: replica (one per head, averaged at merges) | shared | frozen",
+        "choices": ["replica", "shared", "frozen"]})
+
+
+def semi_orthogonal(num, rows, cols, generator):
+    """`num` matrices (rows×cols, rows <= cols) with orthonormal rows, times √(cols/rows) (§6.1)."""
+    g = torch.randn(num, cols, rows, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(g)  # q: (num, cols, rows) with orthonormal columns
+    q = q * torch.diagonal(r, dim1=-2, dim2=-1).sign().unsqueeze(-2)  # the Haar-distributed choice
+    return q.mT * math.sqrt(cols / rows)
+
+
+class LTELinear(nn.Module):
+    """A frozen linear W plus N LoRA heads; in training, chunk h of the batch goes through head h."""
+
+    def __init__(self, linear, cfg, generator):
+        super().__init__()
+        m, n, N, r = linear.out_features, linear.in_features, cfg.num_heads, cfg.lora_r
+        W = linear.weight  # new tensors take its device and dtype
+        self.num_heads, self.mode, self.scaling = N, cfg.mode, cfg.lora_alpha / r  # s = α / r
+        self.weight = nn.Parameter(linear.weight.data, requires_grad=False)  # W (m, n): the merged weight
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.data, requires_grad=False)
+        self.lora_A = nn.Parameter(semi_orthogonal(N, r, n, generator).to(W))  # A_h: (N, r, n)
+        self.lora_B = nn.Parameter(W.new_zeros(N, m, r))  # B_h: (N, m, r), zero: identity at init
+        keep_prev = cfg.mode != "mhlora" and not cfg.reset_lora  # prev factors exist only when reset-less
+        self.register_buffer("prev_A", W.new_zeros(N, r, n) if keep_prev else None)  # A_h'
+        self.register_buffer("prev_B", W.new_zeros(N, m, r) if keep_prev else None)  # B_h'
+
+    def factors(self):
+        """(N, 2r, n), (N, m, 2r) with B_h·A_h = [B_h, −B_h']·[A_h; A_h'] = B_h A_h − B_h' A_h'."""
+        if self.prev_A is None:
+            return self.lora_A, self.lora_B
+        return torch.cat([self.lora_A, self.prev_A], 1), torch.cat([self.lora_B, -self.prev_B], 2)
+
+    def head_mean(self):
+        """(1/N) Σ_h s·(B_h A_h − B_h' A_h') as one (m × N·2r)(N·2r × n) product, float32."""
+        A, B = self.factors()
+        dt = torch.promote_types(self.weight.dtype, torch.float32)  # at least float32
+        return (self.scaling / self.num_heads) * (B.transpose(0, 1).flatten(1).to(dt) @ A.flatten(0, 1).to(dt))
+
+    def forward(self, x):  # x: (B, ..., n)
+        y = F.linear(x, self.weight, self.bias)  # the main-weight product, shared by all heads
+        if self.mode == "mhlora":  # METHOD: Σ_h s·B_h A_h x = s·[B_1 … B_N]·[A_1; …; A_N]·x
+            u = F.linear(x, self.lora_A.flatten(0, 1))  # (B, ..., N·r)
+            return y + self.scaling * F.linear(u, self.lora_B.transpose(0, 1).flatten(1))
+        if not self.training:
+            return y  # evaluation: merged weights only
+        N = self.num_heads
+        if x.shape[0] % N:
+            raise ValueError(f"LTE needs a batch divisible by --num_heads {N}, got {x.shape[0]}")
+        A, B = self.factors()
+        xh = x.reshape(N, -1, x.shape[-1])  # (N, B/N·..., n): chunk h = rows h·B/N … (h+1)·B/N − 1
+        d = torch.bmm(torch.bmm(xh, A.mT), B.mT)  # (N, B/N·..., m)
+        return y + self.scaling * d.reshape(y.shape)
+
+
+class Replicas(nn.Module):
+    """Copies of a non-Linear module's weight (embedding, RMSNorm gain) that are averaged at merges.
+
+    `weight` is the merged copy (evaluation and model.pt); `heads` (copies, *shape) train. With N
+    copies chunk h goes through copy h; with one copy ('shared') the whole batch goes through it."""
+
+    def __init__(self, module, copies):
+        super().__init__()
+        self.copies, self.template = copies, (module,)  # a tuple keeps `module` out of the module tree
+        self.weight = nn.Parameter(module.weight.data, requires_grad=False)
+        self.heads = nn.Parameter(module.weight.data.expand(copies, *module.weight.shape).clone())
+
+    def call(self, w, x):  # the wrapped module's own forward with weight w
+        return torch.func.functional_call(self.template[0], {"weight": w}, (x,))
+
+    def forward(self, x):
+        if not self.training:
+            return self.call(self.weight, x)
+        if self.copies == 1:
+            return self.call(self.heads[0], x)
+        if x.shape[0] % self.copies:
+            raise ValueError(f"LTE needs a batch divisible by --num_heads {self.copies}, got {x.shape[0]}")
+        return torch.vmap(self.call)(self.heads, x.unflatten(0, (self.copies, -1))).flatten(0, 1)
+
+
+# ----------------------------------------------------------------------------- model surgery
+
+HEAD_KEYS = ("lora_A", "lora_B", "prev_A", "prev_B", ".heads")  # state-dict keys that a plain GPT lacks
+
+
+def local_world(cfg):
+    """World size of local mode's own communication (1 when not distributed or not local)."""
+    return dist.get_world_size() if cfg.mode == "local" and dist.is_initialized() else 1
+
+
+def check_config(model, cfg, train):
+    N = cfg.num_heads
+    if N < 1 or cfg.lora_r < 1 or cfg.merge_iter < 1 or cfg.lora_alpha <= 0:
+        raise ValueError("--num_heads, --lora_r, --merge_iter must be >= 1 and --lora_alpha > 0")
+    if cfg.mode != "mhlora" and train.batch_size % N:
+        raise ValueError(f"--batch_size {train.batch_size} (per device) must be divisible by --num_heads {N}: "
+                         "each head trains on its own equal chunk of the batch")
+    small = min(min(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear))
+    if cfg.lora_r > small:
+        raise ValueError(f"--lora_r {cfg.lora_r} exceeds the smallest linear dimension {small}")
+    if getattr(model.config, "tie_embeddings", False):
+        raise ValueError("LTE converts lm_head and the embedding separately: untie them (tie_embeddings False)")
+    if cfg.mode == "local" and train.world_size > 1 and train.check_ranks_every % cfg.merge_iter:
+        raise ValueError(f"in --mode local ranks differ between merges: use --check_ranks_every {cfg.merge_iter} "
+                         f"(a multiple of --merge_iter), not {train.check_ranks_every}")
+
+
+def wrap(model, cfg, train):
+    """Every nn.Linear -> LTELinear; embeddings and norm gains -> Replicas (or frozen)."""
+    check_config(model, cfg, train)
+    gen = torch.Generator().manual_seed(train.seed)  # the same heads on every rank
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, LTELinear(child, cfg, gen))
+            elif isinstance(getattr(child, "weight", None), nn.Parameter) and not list(child.children()):
+                if cfg.non_linear == "frozen":
+                    child.weight.requires_grad_(False)
+                elif cfg.mode != "mhlora":  # mhlora has no merges: its embedding and norms train as usual
+                    setattr(parent, name, Replicas(child, cfg.num_heads if cfg.non_linear == "replica" else 1))
+    converted = {id(p) for m in model.modules() if isinstance(m, (LTELinear, Replicas))
+                 for p in m.parameters() if p.requires_grad}
+    if cfg.mode != "mhlora" and any(p.requires_grad and id(p) not in converted for p in model.parameters()):
+        raise ValueError("LTE found a trainable parameter outside linears, embeddings and norms; freeze it first")
+
+
+def use_ddp(cfg, train):
+    return cfg.mode != "local"  # local mode communicates only at merges, by itself
+
+
+def make_optimizer(model, cfg, train):
+    """AdamW; weight decay on matrices, counting per head (a (N, C) norm replica is not a matrix)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            per_head = name.endswith(("lora_A", "lora_B", "heads"))
+            (decay if p.dim() - per_head >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr,
+                             betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps)
+
+
+# ----------------------------------------------------------------------------- the merge
+
+
+def mean_over_ranks_(t, world):
+    if world > 1:
+        dist.all_reduce(t)  # SUM (gloo has no AVG)
+        t /= world
+    return t
+
+
+@torch.no_grad()
+def merge_heads(model, opt, cfg, train, step):
+    """W ← W + mean over heads (and ranks) of s·(B_h A_h − B_h' A_h'); prev ← current; replicas averaged."""
+    world, gen = local_world(cfg), torch.Generator().manual_seed(train.seed * 1_000_003 + step)
+    upd, norm = 0.0, 0.0
+    for mod in model.modules():
+        if isinstance(mod, LTELinear):
+            delta = mean_over_ranks_(mod.head_mean(), world)  # (m, n), float32
+            mod.weight += delta.to(mod.weight.dtype)
+            upd, norm = upd + delta.pow(2).sum().item(), norm + mod.weight.float().pow(2).sum().item()
+            if cfg.reset_lora:  # A_h ← fresh draw, B_h ← 0 (prev stays 0); Adam moments of A, B zeroed
+                N, r, n = mod.lora_A.shape
+                mod.lora_A.copy_(semi_orthogonal(N, r, n, gen))  # same draw on every rank
+                mod.lora_B.zero_()
+                for p in (mod.lora_A, mod.lora_B):
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        if key in opt.state.get(p, {}):
+                            opt.state[p][key].zero_()
+            else:  # reset-less: heads carry on; in local mode they are averaged over ranks first
+                mod.prev_A.copy_(mean_over_ranks_(mod.lora_A, world))
+                mod.prev_B.copy_(mean_over_ranks_(mod.lora_B, world))
+        elif isinstance(mod, Replicas):  # local-SGD averaging of the copies (over heads, then ranks)
+            mod.weight.copy_(mean_over_ranks_(mod.heads.mean(0), world))
+            mod.heads.copy_(mod.weight.expand_as(mod.heads))
+    return {"merge_rel_update": math.sqrt(upd / max(norm, 1e-30))}
+
+
+def comm_bytes_per_step(model, cfg):
+    """Float32 payload all-reduced per update, as {'lte': ..., 'full_ddp': ...} (bytes, per rank).
+
+    full_ddp: every gradient of the plain model, every update. ddp/mhlora: every trainable tensor
+    (N heads of factors, replicas), every update. local: at each merge, one m×n update per layer,
+    the factors too when reset-less, and the replicas' merged copy; divided by merge_iter."""
+    full = sum(t.numel() for k, t in model.state_dict().items() if not k.endswith(HEAD_KEYS))
+    if cfg.mode != "local":
+        lte = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    else:
+        lte = 0
+        for m in model.modules():
+            if isinstance(m, LTELinear):
+                lte += m.weight.numel() + (0 if cfg.reset_lora else m.lora_A.numel() + m.lora_B.numel())
+            elif isinstance(m, Replicas):
+                lte += m.weight.numel()
+        lte /= cfg.merge_iter
+    return {"lte": 4 * lte, "full_ddp": 4 * full}
+
+
+def after_step(step, model, opt, cfg, train):
+    """METHOD: merge every merge_iter updates (and after the last one)."""
+    done = step + 1
+    if cfg.mode == "mhlora" or (done % cfg.merge_iter and done != train.num_training_steps):
+        return {}
+    out = merge_heads(model, opt, cfg, train, step)
+    comm = comm_bytes_per_step(model, cfg)
+    return {**out, "comm_MB": comm["lte"] / 2**20, "full_ddp_comm_MB": comm["full_ddp"] / 2**20}
+
+
+# ----------------------------------------------------------------------------- checkpoint and export
+
+
+def get_state(model, opt, cfg):
+    """Local mode under torchrun: every rank's own heads, replicas and Adam moments (they differ)."""
+    world = local_world(cfg)
+    if world == 1:
+        return {}
+    per_rank = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            items = [("param", p.data)] + [(k, v) for k, v in opt.state.get(p, {}).items()
+                                           if torch.is_tensor(v) and v.dim() > 0]
+            for key, t in items:
+                got = [torch.empty_like(t) for _ in range(world)]
+                dist.all_gather(got, t.contiguous())
+                per_rank[f"{name}/{key}"] = torch.stack(got).cpu()
+    return {"per_rank": per_rank, "world": world}
+
+
+@torch.no_grad()
+def set_state(model, opt, cfg, state):
+    if "per_rank" not in state:
+        return
+    if state["world"] != local_world(cfg):
+        raise ValueError(f"this local-mode checkpoint was made on {state['world']} ranks; resume on as many")
+    rank = dist.get_rank()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p.copy_(state["per_rank"][f"{name}/param"][rank])
+            for k, v in opt.state.get(p, {}).items():
+                if f"{name}/{k}" in state["per_rank"]:
+                    v.copy_(state["per_rank"][f"{name}/{k}"][rank])
+
+
+@torch.no_grad()
+def export(model, cfg):
+    """Plain GPT state dict of the evaluation function: merged W (plus Σ_h s·B_h A_h in mhlora)."""
+    sd = {}
+    for name, t in model.state_dict().items():
+        if name.endswith(HEAD_KEYS):
+            continue
+        sd[name] = t.clone()
+    if cfg.mode == "mhlora":
+        for name, m in model.named_modules():
+            if isinstance(m, LTELinear):
+                sd[name + ".weight"] += (m.head_mean() * m.num_heads).to(m.weight.dtype)
+    return sd

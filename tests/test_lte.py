@@ -1,0 +1,332 @@
+"""LTE (lte.py): heads on batch chunks, merges by averaging, mhlora, the reset variant, local mode.
+
+Float64 on a 2-layer width-16 model unless a test goes through train.py."""
+
+import copy
+import math
+import os
+
+import pytest
+import torch
+
+import lte
+import train
+from conftest import run_cli
+from model import GPT, GPTConfig, load_plain
+
+V, L, C, F, R, S = 31, 2, 16, 24, 4, 2.0  # vocab, layers, width, MLP width, head rank, scaling α/r
+
+
+def make(num_heads=2, batch=4, **kw):
+    """(wrapped model, an untouched copy, cfg, train config), float64."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=V, n_layer=L, n_head=2, n_embd=C, intermediate_size=F, max_seq_len=16)).double()
+    ref = copy.deepcopy(model)
+    cfg = lte.Config(num_heads=num_heads, lora_r=R, lora_alpha=S * R, **kw)
+    tc = train.TrainConfig(batch_size=batch)
+    lte.wrap(model, cfg, tc)
+    return model, ref, cfg, tc
+
+
+def tokens(b, seed=1, t=8):
+    return torch.randint(0, V, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def linears(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, lte.LTELinear)]
+
+
+@torch.no_grad()
+def perturb(model, seed=2):
+    """Stand-in for training: non-zero B (so A gets gradients), moved A and replicas."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, lte.LTELinear):
+            m.lora_B.add_(0.1 * torch.randn(m.lora_B.shape, generator=g, dtype=m.lora_B.dtype))
+            m.lora_A.add_(0.1 * torch.randn(m.lora_A.shape, generator=g, dtype=m.lora_A.dtype))
+        if isinstance(m, lte.Replicas):
+            m.heads.add_(0.05 * torch.randn(m.heads.shape, generator=g, dtype=m.heads.dtype))
+
+
+def effective_weights(layer):
+    """Head h's weight W + s·(B_h A_h − B_h' A_h'), head by head (independent of lte.py's stacking)."""
+    out = []
+    for h in range(layer.num_heads):
+        w = layer.weight + S * layer.lora_B[h] @ layer.lora_A[h]
+        if layer.prev_A is not None:
+            w = w - S * layer.prev_B[h] @ layer.prev_A[h]
+        out.append(w)
+    return out
+
+
+@pytest.mark.parametrize("kw", [{}, {"mode": "mhlora"}, {"reset_lora": True, "non_linear": "shared"},
+                                {"non_linear": "frozen", "mode": "local"}])
+def test_identity_at_init_and_semi_orthogonal_A(kw):
+    model, ref, cfg, tc = make(**kw)
+    x = tokens(4)
+    for mode in (True, False):
+        model.train(mode), ref.train(mode)
+        torch.testing.assert_close(model(x)[0], ref(x)[0], rtol=0, atol=1e-12)
+    for _, m in linears(model):
+        N, r, n = m.lora_A.shape
+        gram = m.lora_A @ m.lora_A.mT  # (N, r, r) = (n / r)·I: orthonormal rows times √(n/r)
+        torch.testing.assert_close(gram, (n / r) * torch.eye(r, dtype=gram.dtype).expand(N, r, r))
+        assert m.lora_B.abs().max() == 0 and not m.weight.requires_grad
+    assert not torch.equal(model.lm_head.lora_A[0], model.lm_head.lora_A[1])  # heads start apart
+
+
+def test_trainable_set_and_frozen_main_weights():
+    model, _, cfg, tc = make(num_heads=2)
+    N = 2
+    lin = L * (4 * R * 2 * C + 3 * R * (C + F)) + R * (C + V)  # Σ r·(m + n) per head
+    rep = V * C + (2 * L + 1) * C  # embedding + RMSNorm gains, one copy per head
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == N * (lin + rep)
+    model.train()
+    perturb(model)
+    model(tokens(4), tokens(4, seed=3))[1].backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None and p.grad.abs().sum() > 0) == p.requires_grad, name
+    assert all(name.endswith(("lora_A", "lora_B", "heads")) for name, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("num_heads", [1, 3])
+def test_merge_moves_W_to_the_head_mean_and_every_head_then_computes_W(num_heads):
+    model, _, cfg, tc = make(num_heads=num_heads, batch=3 * num_heads)
+    opt = lte.make_optimizer(model, cfg, tc)
+    perturb(model, seed=2)
+    lte.merge_heads(model, opt, cfg, tc, step=0)  # first merge: prev factors become non-zero
+    perturb(model, seed=3)
+    eff = {n: effective_weights(m) for n, m in linears(model)}
+    reps = {n: m.heads.detach().clone() for n, m in model.named_modules() if isinstance(m, lte.Replicas)}
+    x = tokens(2)
+    xx = x.repeat(num_heads, 1)  # every chunk holds the same two sequences
+    model.train()
+    before = model(xx)[0]
+    lte.merge_heads(model, opt, cfg, tc, step=1)
+    for n, m in linears(model):  # W ← mean over heads of W + s·(B_h A_h − B_h' A_h')
+        torch.testing.assert_close(m.weight, torch.stack(eff[n]).mean(0), rtol=0, atol=1e-12)
+        for w in effective_weights(m):  # and every head's own weight is now W
+            torch.testing.assert_close(w, m.weight, rtol=0, atol=1e-12)
+    for n, m in model.named_modules():
+        if isinstance(m, lte.Replicas):  # replicas: averaged, every copy set to the average
+            torch.testing.assert_close(m.weight, reps[n].mean(0), rtol=0, atol=1e-15)
+            assert torch.equal(m.heads, m.weight.expand_as(m.heads))
+    model.eval()
+    ev = model(x)[0]
+    model.train()
+    tr = model(xx)[0]
+    for h in range(num_heads):  # every head's training function is the evaluation function
+        torch.testing.assert_close(tr[2 * h:2 * h + 2], ev, rtol=0, atol=1e-12)
+    if num_heads == 1:  # one head: the merge changes nothing that the head computes
+        torch.testing.assert_close(tr, before, rtol=0, atol=1e-12)
+    lte.merge_heads(model, opt, cfg, tc, step=2)  # a merge right after a merge: nothing changes
+    model.eval()
+    torch.testing.assert_close(model(x)[0], ev, rtol=0, atol=1e-12)
+    model.train()
+    torch.testing.assert_close(model(xx)[0], tr, rtol=0, atol=1e-12)
+
+
+def test_gradient_of_head_h_depends_only_on_chunk_h():
+    model, _, cfg, tc = make(num_heads=4, batch=8)
+    perturb(model)
+    model.train()
+
+    def grads(x, y):
+        model.zero_grad()
+        model(x, y)[1].backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    x, y = tokens(8, seed=1), tokens(8, seed=2)
+    g1 = grads(x, y)
+    x2, y2 = x.clone(), y.clone()
+    x2[4:6], y2[4:6] = tokens(2, seed=5), tokens(2, seed=6)  # chunk 2 = rows 4, 5
+    g2 = grads(x2, y2)
+    for n in g1:
+        for h in range(4):
+            if h == 2:
+                assert not torch.allclose(g1[n][h], g2[n][h]), n
+            else:
+                torch.testing.assert_close(g1[n][h], g2[n][h], rtol=0, atol=1e-15)
+
+
+def test_mhlora_is_the_sum_of_heads_and_exports_it():
+    model, _, cfg, tc = make(num_heads=3, batch=5, mode="mhlora")  # no chunks: any batch size
+    perturb(model)
+    layer = model.layers[0].mlp.up_proj
+    x = torch.randn(5, 7, C, dtype=torch.float64)
+    expected = x @ layer.weight.T
+    for h in range(3):  # y = W x + Σ_h s·B_h A_h x (a sum, not a mean)
+        expected = expected + S * (x @ layer.lora_A[h].T) @ layer.lora_B[h].T
+    for mode in (True, False):
+        layer.train(mode)
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)
+    assert lte.after_step(9, model, None, cfg, tc) == {}  # no merge in mhlora
+    plain = GPT(model.config).double()
+    plain.load_state_dict(lte.export(model, cfg))
+    model.eval()
+    idx = tokens(5)
+    torch.testing.assert_close(plain(idx)[0], model(idx)[0], rtol=0, atol=1e-12)
+
+
+def test_batch_not_divisible_by_heads_fails_clearly(data_dir):
+    with pytest.raises(ValueError, match="--batch_size 6 .* divisible by --num_heads 4"):
+        make(num_heads=4, batch=6)
+    model, _, _, _ = make(num_heads=4, batch=8)
+    model.train()
+    with pytest.raises(ValueError, match="divisible by --num_heads 4, got 6"):
+        model(tokens(6))
+    proc = run_cli("--method", "lte", "--num_heads", "3", "--batch_size", "4", "--data_dir", data_dir)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: --batch_size 4") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_one_head_merged_every_step_is_plain_lora():
+    """N = 1, merge_iter 1, reset-less: after every update W = W0 + s·B A of an independent LoRA run."""
+    model, ref, cfg, tc = make(num_heads=1, merge_iter=1)
+    opt = lte.make_optimizer(model, cfg, tc)
+    names = [n for n, _ in linears(model)]
+    W0 = {n: ref.get_submodule(n).weight.detach().clone() for n in names}
+    A = {n: model.get_submodule(n).lora_A[0].detach().clone().requires_grad_() for n in names}
+    B = {n: torch.zeros_like(W0[n][:, :R]).requires_grad_() for n in names}
+    for n in names:
+        ref.get_submodule(n).weight.requires_grad_(False)
+    ref_opt = torch.optim.AdamW(list(A.values()) + list(B.values()) + [p for p in ref.parameters() if p.requires_grad],
+                                lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps, weight_decay=0.0)
+    model.train(), ref.train()
+    for step in range(3):
+        x, y = tokens(4, seed=10 + step), tokens(4, seed=20 + step)
+        loss = model(x, y)[1]
+        loss.backward()
+        opt.step(), opt.zero_grad()
+        lte.after_step(step, model, opt, cfg, tc)
+        weights = {n + ".weight": W0[n] + S * B[n] @ A[n] for n in names}  # y = W0 x + s·B A x
+        ref_loss = torch.func.functional_call(ref, weights, (x, y))[1]
+        ref_loss.backward()
+        ref_opt.step(), ref_opt.zero_grad()
+        torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-12)
+    for n in names:
+        m = model.get_submodule(n)
+        torch.testing.assert_close(m.weight, W0[n] + S * B[n] @ A[n], rtol=0, atol=1e-12)  # the merge
+        torch.testing.assert_close(m.lora_A[0], A[n], rtol=0, atol=1e-12)
+        torch.testing.assert_close(m.lora_B[0], B[n], rtol=0, atol=1e-12)
+    torch.testing.assert_close(model.embed_tokens.weight, ref.embed_tokens.weight, rtol=0, atol=1e-12)
+
+
+def test_reset_variant_reinitialises_heads_and_zeroes_only_their_moments():
+    model, _, cfg, tc = make(num_heads=2, reset_lora=True)
+    opt = lte.make_optimizer(model, cfg, tc)
+    model.train()
+    model(tokens(4), tokens(4, seed=3))[1].backward()
+    opt.step(), opt.zero_grad()
+    perturb(model)
+    lay = model.layers[1].self_attn.v_proj
+    delta = torch.stack([w - lay.weight for w in effective_weights(lay)]).mean(0)
+    W, A = lay.weight.clone(), lay.lora_A.clone()
+    kept = {id(p): {k: v.clone() for k, v in opt.state[p].items()}
+            for n, p in model.named_parameters() if n.endswith("heads")}
+    steps = {id(p): opt.state[p]["step"].clone() for p in opt.state}
+    lte.merge_heads(model, opt, cfg, tc, step=4)
+    torch.testing.assert_close(lay.weight, W + delta, rtol=0, atol=1e-12)
+    assert lay.prev_A is None and lay.lora_B.abs().max() == 0 and not torch.allclose(lay.lora_A, A)
+    gram = lay.lora_A @ lay.lora_A.mT
+    torch.testing.assert_close(gram, (C / R) * torch.eye(R, dtype=gram.dtype).expand(2, R, R))
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        assert torch.equal(opt.state[p]["step"], steps[id(p)])  # step counts untouched
+        if n.endswith(("lora_A", "lora_B")):
+            assert opt.state[p]["exp_avg"].abs().max() == 0 and opt.state[p]["exp_avg_sq"].abs().max() == 0
+        else:
+            assert all(torch.equal(opt.state[p][k], v) for k, v in kept[id(p)].items()), n
+
+
+@torch.no_grad()
+def test_export_is_the_eval_function_and_leaves_the_model_alone():
+    model, _, cfg, tc = make(num_heads=2)
+    perturb(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sd = lte.export(model, cfg)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    plain = GPT(model.config).double()
+    plain.load_state_dict(sd)  # strict: exactly a plain GPT's keys
+    model.eval()
+    torch.testing.assert_close(plain(tokens(3))[0], model(tokens(3))[0], rtol=0, atol=0)
+
+
+def test_comm_bytes_formula():
+    model, _, cfg, tc = make(num_heads=2, mode="local", merge_iter=5)
+    plain = sum(t.numel() for t in lte.export(model, cfg).values())
+    lin = L * (4 * C * C + 3 * C * F) + V * C
+    heads = 2 * (L * (4 * R * 2 * C + 3 * R * (C + F)) + R * (C + V))
+    got = lte.comm_bytes_per_step(model, cfg)
+    assert got["full_ddp"] == 4 * plain
+    assert got["lte"] == 4 * (lin + heads + (plain - lin)) / 5  # one m×n per layer, factors, replicas' mean
+    cfg.reset_lora = True
+    assert lte.comm_bytes_per_step(model, cfg)["lte"] == 4 * plain / 5
+
+
+TINY_LTE = ("--method", "lte", "--num_heads", "2", "--lora_r", "4", "--merge_iter", "2")
+
+
+def test_resume_is_exact_and_model_pt_is_the_wrapped_model_in_eval(train_run, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_run(*TINY_LTE, "--num_training_steps", "5", save_dir=a)  # merges after 2, 4 and the last
+    out = train_run(*TINY_LTE, "--num_training_steps", "5", "--stop_at_step", "3", save_dir=b)  # between merges
+    assert out["summary"]["interrupted"]
+    train_run(*TINY_LTE, "--num_training_steps", "5", "--autoresume", save_dir=b)
+    ca, cb = (torch.load(d / "ckpt.pt", weights_only=True) for d in (a, b))
+    assert ca["model"].keys() == cb["model"].keys()
+    for k in ca["model"]:
+        torch.testing.assert_close(cb["model"][k], ca["model"][k], rtol=0, atol=1e-6)
+    for sa, sb in zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values()):
+        torch.testing.assert_close(sb["exp_avg"], sa["exp_avg"], rtol=0, atol=1e-6)
+    plain = load_plain(str(a / "model.pt"))
+    model = GPT(plain.config)
+    lte.wrap(model, lte.Config(num_heads=2, lora_r=4, merge_iter=2), train.TrainConfig(batch_size=4))
+    model.load_state_dict(ca["model"])
+    model.eval(), plain.eval()
+    idx = tokens(2, t=32)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(idx)[0], model(idx)[0], rtol=0, atol=0)
+    merges = [r for r in ca["records"] if "method/comm_MB" in r]
+    assert [r["step"] for r in merges] == [2, 4, 5]
+
+
+def test_ranks_agree_under_ddp(torchrun, tmp_path):
+    torchrun(*TINY_LTE, "--check_ranks_every", "1", save_dir=tmp_path / "d")
+
+
+def test_local_mode_ranks_differ_between_merges_agree_after_and_resume(torchrun, tmp_path):
+    d = tmp_path / "local"
+    args = TINY_LTE + ("--mode", "local")
+    # no rank check here: train.py also checks when it stops, and update 3 is between merges
+    torchrun(*args, "--stop_at_step", "3", save_dir=d)
+    st = torch.load(d / "ckpt.pt", weights_only=True)["method_state"]["per_rank"]
+    a = st["lm_head.lora_B/param"]
+    assert a.shape[0] == 2 and not torch.equal(a[0], a[1])  # update 3 ran on each rank's own data only
+    proc = torchrun(*args, "--autoresume", "--check_ranks_every", "2", save_dir=d)  # agree after 4 and 5
+    assert "resumed from" in proc.stdout
+
+
+@torch.no_grad()
+def test_set_state_gives_each_rank_its_own_heads_and_moments(monkeypatch):
+    """The local-mode checkpoint holds every rank's tensors; rank 1 must get slice 1 back."""
+    model, _, cfg, tc = make(num_heads=2, mode="local")
+    opt = lte.make_optimizer(model, cfg, tc)
+    with torch.enable_grad():
+        model(tokens(4), tokens(4, seed=3))[1].backward()
+    opt.step()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    state = {"world": 2, "per_rank": {}}
+    for i, (n, p) in enumerate(named):
+        state["per_rank"][n + "/param"] = torch.stack([p + 1, p + 2 + i])
+        for k in ("exp_avg", "exp_avg_sq"):
+            state["per_rank"][f"{n}/{k}"] = torch.stack([opt.state[p][k] + 1, opt.state[p][k] + 3 + i])
+    expect = {n: (p + 2 + i, opt.state[p]["exp_avg_sq"] + 3 + i) for i, (n, p) in enumerate(named)}
+    monkeypatch.setattr(lte, "local_world", lambda cfg: 2)
+    monkeypatch.setattr(lte.dist, "get_rank", lambda: 1)
+    lte.set_state(model, opt, cfg, state)
+    for n, p in named:
+        assert torch.equal(p, expect[n][0]) and torch.equal(opt.state[p]["exp_avg_sq"], expect[n][1]), n
+    with pytest.raises(ValueError, match="made on 3 ranks"):
+        lte.set_state(model, opt, cfg, {**state, "world": 3})
