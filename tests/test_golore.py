@@ -1,0 +1,318 @@
+"""GoLore / GaLore (golore.py): the layer, the projection event, DDP agreement, resume, export, the toy.
+
+The unit tests use a one-block float64 GPT whose adapted linears cover all three shapes:
+q/k/v/o are square (8x8), gate/up tall (12x8), down wide (8x12)."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import golore
+import train
+from model import GPT, GPTConfig, adapted_linear_names, get_config, load_plain
+
+
+def tiny_gpt(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=11, n_layer=1, n_head=2, n_embd=8, intermediate_size=12, max_seq_len=16)).double()
+
+
+def batch(seed, B=3, T=10):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.randint(0, 11, (B, T + 1), generator=g)
+    return xy[:, :-1], xy[:, 1:]
+
+
+def setup(r=4, gap=3, rand_ratio=0.8, scale=1.0, steps=10, lr=1e-2, seed=0):
+    cfg = golore.Config(r=r, scale=scale, update_proj_gap=gap, rand_ratio=rand_ratio)
+    tc = train.TrainConfig(num_training_steps=steps, lr=lr, seed=seed)
+    model = golore.wrap(tiny_gpt(seed), cfg, tc)
+    return model, train.default_optimizer(model, tc), cfg, tc
+
+
+def update(model, opt, cfg, tc, step, data_seed=None, before=None):
+    """One update in train.py's order (no clipping); `before(model, opt)` runs just before before_step."""
+    golore.step_start(step, model, cfg, tc)
+    x, y = batch(step if data_seed is None else data_seed)
+    model(x, y)[1].backward()
+    if before:
+        before(model, opt)
+    events = golore.before_step(step, model, opt, cfg, tc)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return events
+
+
+def layers(model):
+    """name -> GoLoreLinear of a wrapped model, or name -> nn.Linear of the layers GoLore adapts in a plain one."""
+    found = {n: m for n, m in model.named_modules() if isinstance(m, golore.GoLoreLinear)}
+    return found or {n: model.get_submodule(n) for n in adapted_linear_names(model)}
+
+
+def test_identity_at_init_and_what_trains():
+    plain, (model, opt, cfg, tc) = tiny_gpt(), setup()
+    x, _ = batch(0)
+    assert torch.equal(plain(x)[0], model(x)[0])  # R = 0, so W_eff = W exactly
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    for name, layer in layers(model).items():
+        assert isinstance(layer, golore.GoLoreLinear)
+        assert name + ".factor" in trainable and name + ".weight" not in trainable
+        assert name + ".proj" in dict(model.named_buffers())
+    assert len(layers(model)) == 7
+    m_n = [layer.weight.shape for layer in layers(model).values()]
+    frozen = sum(m * n for m, n in m_n)
+    assert model.num_params(trainable_only=True) == plain.num_params() - frozen + sum(max(s) * cfg.r for s in m_n)
+    # a regular step: W and P get no gradient, R does
+    update(model, opt, cfg, tc, 0)
+    golore.step_start(1, model, cfg, tc)
+    model(*batch(1))[1].backward()
+    for layer in layers(model).values():
+        assert layer.weight.grad is None and layer.proj.grad is None and layer.factor.grad is not None
+
+
+@pytest.mark.parametrize("rand", [False, True])
+@pytest.mark.parametrize("r", [4, 8])  # 8 = min(out, in) of every layer: the projector is a full basis
+def test_projector_orthonormal_on_galore_side(r, rand):
+    model, opt, cfg, tc = setup(r=r, rand_ratio=0.0 if rand else 2.0)
+    ref = GPT(model.config).double()  # G computed independently, through a plain model with the same weights
+    ref.load_state_dict(golore.export(model, cfg))
+    x, y = batch(0)
+    ref(x, y)[1].backward()
+    assert update(model, opt, cfg, tc, 0) == {"proj_random": float(rand)}
+    sides = {}
+    for name, layer in layers(model).items():
+        m, n = layer.weight.shape
+        P = layer.proj
+        sides[name.split(".")[-1]] = layer.right
+        assert layer.right == (m >= n)  # GaLore's std rule: project the smaller side
+        assert P.shape == ((r, n) if m >= n else (m, r))
+        gram = P @ P.T if layer.right else P.T @ P  # (r, r)
+        assert torch.allclose(gram, torch.eye(r, dtype=P.dtype), atol=1e-10)
+        if not rand:  # P spans GaLore's subspace: the top-r singular vectors of G
+            U, S, Vh = torch.linalg.svd(ref.get_submodule(name).weight.grad)
+            Q = Vh[:r].T if layer.right else U[:, :r]
+            Pc = P.T if layer.right else P
+            assert torch.allclose(Pc @ Pc.T, Q @ Q.T, atol=1e-8)
+    assert sides == {"q_proj": True, "k_proj": True, "v_proj": True, "o_proj": True,
+                     "gate_proj": True, "up_proj": True, "down_proj": False}
+
+
+def test_steps_between_projections_are_galore_adam_steps():
+    """GoLore's factor form == GaLore: run an independent GaLore AdamW on a plain model and compare."""
+    s, lr, b1, b2, eps, r = 2.0, 1e-2, 0.9, 0.999, 1e-8, 4
+    model, opt, cfg, tc = setup(r=r, gap=100, scale=s, lr=lr)
+    ref = tiny_gpt()
+    adapted = layers(ref)
+    other = [p for n, p in ref.named_parameters() if n.rsplit(".", 1)[0] not in adapted]
+    ref_opt = train.default_optimizer(ref, tc)  # AdamW over all; adapted weights are stepped by hand instead
+    ref_opt.param_groups[0]["params"] = [p for p in ref_opt.param_groups[0]["params"] if any(p is q for q in other)]
+    state = {}
+    for step in range(3):
+        update(model, opt, cfg, tc, step)
+        ref(*batch(step))[1].backward()
+        with torch.no_grad():
+            for name, lin in adapted.items():
+                G = lin.weight.grad
+                right = G.shape[0] >= G.shape[1]
+                if step == 0:  # GaLore: P from the SVD of this step's gradient, m and v in R's shape
+                    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+                    P = Vh[:r] if right else U[:, :r]
+                    state[name] = [P, 0.0, 0.0]
+                P, m, v = state[name]
+                R = G @ P.T if right else P.T @ G
+                m, v = b1 * m + (1 - b1) * R, b2 * v + (1 - b2) * R * R
+                t = step + 1
+                # torch AdamW puts eps after the bias correction; R's gradient is -s·R, hence eps/s
+                N = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps / s)
+                lin.weight -= lr * s * (N @ P if right else P @ N)
+                lin.weight.grad = None
+                state[name] = [P, m, v]
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+        got = golore.export(model, cfg)
+        for k, v in ref.state_dict().items():
+            assert torch.allclose(got[k], v, atol=1e-10, rtol=0), (step, k)
+
+
+def at_projection_event():
+    """Updates 0-2, then update 3 (a projection step with update_proj_gap 3) up to its backward."""
+    model, opt, cfg, tc = setup(gap=3)
+    for step in range(3):
+        update(model, opt, cfg, tc, step)
+    golore.step_start(3, model, cfg, tc)
+    model(*batch(3))[1].backward()
+    return model, opt, cfg, tc  # the caller runs golore.before_step(3, ...)
+
+
+def test_projection_step_preserves_the_function_and_injects_the_gradient():
+    model, opt, cfg, tc = at_projection_event()
+    x, _ = batch(99)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)[0]
+    old = {n: (l.weight.clone(), l.delta().clone(), l.proj.clone(), l.weight.grad.clone()) for n, l in layers(model).items()}
+    assert golore.before_step(3, model, opt, cfg, tc) == {"proj_random": 0.0}
+    with torch.no_grad():
+        after = model(x)[0]
+    assert torch.allclose(before, after, atol=1e-12, rtol=0)
+    for name, layer in layers(model).items():
+        W, D, P, G = old[name]
+        assert torch.count_nonzero(D) > 0 and not torch.allclose(layer.proj, P)  # a trained R, a new P ...
+        assert torch.allclose(layer.weight, W - cfg.scale * D, atol=1e-12)  # ... after a merge
+        assert torch.count_nonzero(layer.factor) == 0
+        assert layer.weight.grad is None and not layer.weight.requires_grad
+        Pn = layer.proj  # R.grad = -s·G·P_newᵀ (right) or -s·P_newᵀ·G (left)
+        assert torch.allclose(layer.factor.grad, -cfg.scale * (G @ Pn.T if layer.right else Pn.T @ G), atol=1e-12)
+
+
+def test_first_moment_is_reprojected_second_is_kept():
+    model, opt, cfg, tc = at_projection_event()
+    factors = {id(l.factor) for l in layers(model).values()}
+    before = {id(p): {k: v.clone() for k, v in st.items()} for p, st in opt.state.items()}
+    P_old = {n: l.proj.clone() for n, l in layers(model).items()}
+    golore.before_step(3, model, opt, cfg, tc)
+    for name, layer in layers(model).items():
+        st, old = opt.state[layer.factor], before[id(layer.factor)]
+        Po, Pn = P_old[name], layer.proj
+        expected = (old["exp_avg"] @ Po) @ Pn.T if layer.right else Pn.T @ (Po @ old["exp_avg"])
+        assert torch.allclose(st["exp_avg"], expected, atol=1e-14)
+        # the same statement lifted to m×n: the new moment is the old one's projection onto the new subspace
+        lift_new = st["exp_avg"] @ Pn if layer.right else Pn @ st["exp_avg"]
+        lift_old = old["exp_avg"] @ Po if layer.right else Po @ old["exp_avg"]
+        proj_old = lift_old @ Pn.T @ Pn if layer.right else Pn @ Pn.T @ lift_old
+        assert torch.allclose(lift_new, proj_old, atol=1e-14)
+        assert torch.equal(st["exp_avg_sq"], old["exp_avg_sq"]) and torch.equal(st["step"], old["step"])
+    for p, st in opt.state.items():  # every other parameter's state is untouched
+        if id(p) not in factors:
+            assert all(torch.equal(v, before[id(p)][k]) for k, v in st.items())
+
+
+def test_switch_from_svd_to_random_at_rand_ratio():
+    tc = train.TrainConfig(num_training_steps=10)
+    cfg = golore.Config(rand_ratio=0.8)
+    assert [golore.use_random(s, cfg, tc) for s in range(10)] == [False] * 8 + [True] * 2
+    assert not any(golore.use_random(s, golore.Config(rand_ratio=1.0), tc) for s in range(10))  # GaLore
+
+    def projectors(data_seed, rand_ratio):
+        """P after the projections at steps 0 and 5 (gap 5, 10 steps), training on data `data_seed`."""
+        model, opt, cfg, tc = setup(gap=5, rand_ratio=rand_ratio, steps=10)
+        out, kinds = [], []
+        for step in range(6):
+            kinds.append(update(model, opt, cfg, tc, step, data_seed=data_seed + step))
+            if step in (0, 5):
+                out.append([l.proj.clone() for l in layers(model).values()])
+        return out, kinds
+
+    (a0, a5), kinds = projectors(0, 0.5)  # 5 / 10 >= 0.5: the second projection is random
+    (b0, b5), _ = projectors(100, 0.5)
+    assert kinds == [{"proj_random": 0.0}, {}, {}, {}, {}, {"proj_random": 1.0}]
+    assert not any(torch.allclose(p, q) for p, q in zip(a0, b0))  # SVD: depends on the gradient
+    assert all(torch.equal(p, q) for p, q in zip(a5, b5))  # random: depends on (seed, step) only
+    (_, c5), _ = projectors(0, 0.51)  # just after the switch point: still SVD at step 5
+    assert not any(torch.allclose(p, q) for p, q in zip(a5, c5))
+
+
+def test_random_projector_is_haar_like():
+    """QR with the sign fix: orthonormal, and E[PᵀP] = (r/n)·I, the property GoLore's analysis uses."""
+    gen = torch.Generator().manual_seed(0)
+    Ps = [golore.random_projector(6, 8, 2, True, gen, "cpu") for _ in range(4000)]  # right: (2, 8)
+    mean = sum(P.T @ P for P in Ps) / len(Ps)
+    assert torch.allclose(Ps[0] @ Ps[0].T, torch.eye(2, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(mean, torch.eye(8, dtype=torch.float64) * 2 / 8, atol=0.03)
+    left = golore.random_projector(8, 6, 3, False, gen, "cpu")  # left: (8, 3)
+    assert left.shape == (8, 3) and torch.allclose(left.T @ left, torch.eye(3, dtype=torch.float64), atol=1e-12)
+
+
+def test_svd_failure_falls_back_to_float64(monkeypatch):
+    G = torch.randn(7, 5, generator=torch.Generator().manual_seed(0))
+    expected = golore.svd_projector(G, 2, True)
+    real, calls = torch.linalg.svd, []
+
+    def flaky(A, **kw):
+        calls.append(A.dtype)
+        if len(calls) == 1:
+            raise torch.linalg.LinAlgError("the algorithm failed to converge")
+        return real(A, **kw)
+
+    monkeypatch.setattr(torch.linalg, "svd", flaky)
+    got = golore.svd_projector(G, 2, True)
+    assert calls == [torch.float32, torch.float64] and got.dtype == torch.float64
+    assert torch.allclose(got.float().T @ got.float(), expected.T @ expected, atol=1e-5)
+
+
+def test_impossible_settings_and_flag_aliases(train_run):
+    for bad in (dict(r=9), dict(r=0), dict(update_proj_gap=0), dict(scale=0.0), dict(rand_ratio=-1.0)):
+        with pytest.raises(ValueError):
+            golore.wrap(tiny_gpt(), golore.Config(**bad))
+    with pytest.raises(ValueError, match="exceeds min"):
+        train_run("--method", "golore", "--rank", "200")
+    with pytest.raises(ValueError, match="float16"):
+        train_run("--method", "golore", "--dtype", "float16")
+    for flag in ("--rank", "--lora_r", "--lora_rank", "--r"):
+        assert train.parse_args(["--method", "golore", flag, "7"])[2].r == 7
+
+
+def test_demo_galore_stalls_where_golore_converges():
+    out = golore.projected_adam_demo(steps=1000)
+    assert set(out) == {"galore", "golore", "galore_large_batch", "adam"}
+    assert all(len(v) == 1000 and all(math.isfinite(x) for x in v) for v in out.values())
+    assert out["galore"][0] > 10  # f - f*, from the same start
+    assert out["galore"][-1] > 0.5 and out["galore"][-1] == out["galore"][-100]  # stuck in the noise subspace
+    assert out["golore"][-1] < 0.05 * out["galore"][-1]
+    assert out["galore_large_batch"][-1] < 0.05 * out["galore"][-1]  # a large batch also fixes it (the paper)
+    assert out["golore"][499] == out["galore"][499]  # identical until the switch at rand_ratio 0.5
+
+
+# ----------------------------------------------------------------------------- through train.py
+
+RUN = ["--method", "golore", "--rank", "8", "--update_proj_gap", "2", "--rand_ratio", "0.5"]
+
+
+def rebuild(save_dir):
+    """The wrapped model from ckpt.pt, in eval mode."""
+    ck = torch.load(os.path.join(save_dir, "ckpt.pt"), weights_only=True)
+    model = GPT(get_config("tiny", 257))
+    golore.wrap(model, golore.Config(**ck["method_config"]))
+    model.load_state_dict(ck["model"])
+    return model.eval(), ck
+
+
+def test_resume_equals_unbroken_run_and_model_pt_is_the_wrapped_model(train_run, tmp_path):
+    # 6 updates, gap 2: SVD projections at 0 and 2, a random one at 4 (4 / 6 >= 0.5); stop before 4
+    full = train_run(*RUN, "--num_training_steps", "6", save_dir=tmp_path / "a")
+    train_run(*RUN, "--num_training_steps", "6", "--stop_at_step", "4", save_dir=tmp_path / "b")
+    train_run(*RUN, "--num_training_steps", "6", "--autoresume", save_dir=tmp_path / "b")
+    events = [r["method/proj_random"] for r in full["metrics"] if "method/proj_random" in r]
+    assert events == [0.0, 0.0, 1.0]
+    (a, ck_a), (b, ck_b) = rebuild(tmp_path / "a"), rebuild(tmp_path / "b")
+    for k, v in ck_a["model"].items():  # W, P and R: the projectors included
+        assert torch.allclose(v, ck_b["model"][k], atol=1e-6, rtol=0), k
+    for k, st in ck_a["optimizer"]["state"].items():
+        for name, v in st.items():
+            assert torch.allclose(v, ck_b["optimizer"]["state"][k][name], atol=1e-6, rtol=0), (k, name)
+    # model.pt is a plain GPT that computes what the wrapped model computes; export leaves the model alone
+    plain = load_plain(tmp_path / "a" / "model.pt").eval()
+    before = {k: v.clone() for k, v in a.state_dict().items()}
+    golore.export(a, golore.Config(**ck_a["method_config"]))
+    assert all(torch.equal(v, before[k]) for k, v in a.state_dict().items())
+    x = torch.randint(0, 257, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(plain(x)[0], a(x)[0], atol=1e-5, rtol=0)
+
+
+def test_two_ranks_agree_and_average_the_full_gradient(torchrun, train_run, tmp_path):
+    """2-process gloo with an SVD projection (step 0) and a random one (step 2) inside the run.
+
+    --check_ranks_every 1 makes train.py assert identical weights (P included) after every update;
+    the ranks see different data, so a P from a rank's own G would differ. The result also matches one
+    process that sees the same global batch through gradient accumulation: G is the average."""
+    torchrun(*RUN, "--check_ranks_every", "1", save_dir=tmp_path / "ddp")
+    train_run(*RUN, "--total_batch_size", "8", save_dir=tmp_path / "one")  # 2 micro-batches of 4
+    records = [json.loads(l) for l in open(tmp_path / "ddp" / "metrics.jsonl")]
+    assert [r["method/proj_random"] for r in records if "method/proj_random" in r] == [0.0, 1.0]
+    ddp, one = rebuild(tmp_path / "ddp")[1]["model"], rebuild(tmp_path / "one")[1]["model"]
+    for k, v in ddp.items():
+        assert torch.allclose(v, one[k], atol=1e-4, rtol=0), k
