@@ -66,7 +66,8 @@ Some warnings:
  - A layer with min(m, n) ≤ r never switches (it is plain LoRA). In `tiny` every adapted layer has
    min(m, n) = 128, so r must be well below 128.
  - Decoupled weight decay still shrinks a frozen vector (as in the official code); the default is 0.
- - Pools cost N_c·(m + n) floats per layer (about as much as W), on the CPU by default.
+ - Pools cost N_c·(m + n) floats per layer (1-2x the size of W), on the CPU by default; they are
+   in every checkpoint.
 
 Logged: method/switched (vectors switched per factor, summed over layers, since the start) and
 method/switch_interval (interval(t)), on logging steps.

@@ -138,6 +138,22 @@ def test_counterpart_state_zeroed_switched_vector_keeps_state():
         assert torch.equal(B_new[:, keep_b], B_old[:, keep_b])  # includes the switched column j of B
 
 
+def test_remain_flags_and_zero_init_B():
+    model, cfg, tc = wrapped(remain_switch_state=True, zero_init_B=True)
+    opt = sl.make_optimizer(model, cfg, tc)
+    train_steps(model, opt, 2)
+    m = sl.lora_layers(model)[0][1]
+    snap = {k: v.clone() for k, v in opt.state[m.lora_B].items()}
+    cand_b, sel_b = m.candidates_B.clone(), m.selected_B.clone()
+    slots_a, slots_b = m.switch(2, cfg.adam_warm_step, False, None)
+    sl.zero_counterpart_state(m, opt, slots_a, slots_b, cfg)
+    assert len(slots_b) == 0 and torch.equal(m.selected_B, sel_b) and torch.equal(m.candidates_B, cand_b)  # B never switches
+    assert cand_b.eq(0).all() and m.frozen_A.eq(0).all()
+    st = opt.state[m.lora_B]
+    assert torch.equal(st["exp_avg"], snap["exp_avg"]) and torch.equal(st["exp_avg_sq"], snap["exp_avg_sq"])  # moments kept
+    assert st["step"][0, slots_a].eq(0).all()  # but the counterpart's step still restarts
+
+
 def test_frozen_counterpart_does_not_move_for_adam_warm_step_steps():
     model, cfg, tc = wrapped(adam_warm_step=3)
     opt = sl.make_optimizer(model, cfg, tc)
