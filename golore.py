@@ -8,7 +8,7 @@ GoLore: GaLore's gradient subspaces from the SVD early in training, random subsp
 
 The idea. GaLore keeps Adam's state in an r-dimensional subspace of each weight's gradient: every T
 steps it takes the top-r singular vectors of the current gradient G as a projector P, runs Adam on
-the projected gradient R = G·Pᵀ (m×r) and applies the update back-projected, ΔW = -lr·s·Adam(R)·P.
+the projected gradient G·Pᵀ (m×r) and applies the update back-projected, ΔW = -lr·s·Adam(G·Pᵀ)·P.
 GoLore's observation: G is a *stochastic* gradient. Late in training the true gradient is small and
 the minibatch noise dominates G, so the SVD picks a noise subspace in which the expected gradient is
 zero, and GaLore stalls (the paper's counterexample; `projected_adam_demo` below reproduces it).
@@ -24,9 +24,11 @@ larger side, initialised to zero:
 
     dL/dR = -s·G·Pᵀ (right) or -s·Pᵀ·G (left), with G = dL/dW_eff
 
-Adam is sign-equivariant, so one Adam step on R moves W_eff by -lr·s·Adam(G·Pᵀ)·P: exactly a GaLore
-step with scale s (tests/test_golore.py checks this against an independent GaLore step). The minus
-sign only makes this match hold. Every T steps (the projection step):
+Adam's step does not change when its gradients are scaled by a constant c > 0 and flips with -1
+(eps aside: it becomes eps/s), so one Adam step on R moves W_eff by -lr·s·Adam(G·Pᵀ)·P: exactly a
+GaLore step with scale s (tests/test_golore.py checks this against an independent GaLore step).
+The minus sign is the original's; it cancels through the chain rule. Every T steps (the projection
+step):
 
     W <- W - s·R·P                           merge: W_eff is unchanged
     P <- top-r singular vectors of G         (SVD, step/num_steps < rand_ratio)
@@ -50,7 +52,7 @@ Implementation details
    from a torch.Generator seeded with (seed, step), drawn on the CPU, the same on every rank.
 5. SVD in float32 (float64 stays float64), `full_matrices=False`; if it fails (GaLore#58) it is
    retried in float64 on the CPU. Random P: Q of the QR of an (n×r or m×r) Gaussian, with Q's
-   columns multiplied by sign(diag(R_qr)); this makes Q Haar-distributed (METHODS.md §5.3).
+   columns multiplied by the signs of the QR's diagonal; this makes Q Haar-distributed (§5.3).
 6. Adam: train.py's AdamW over R and the full-rank parameters. Only the first moment is
    re-projected (SGD's momentum_buffer likewise); the second moment and the step count are kept.
 7. export() returns W_eff = W - s·R·P (or W - s·P·R) under the plain GPT names: model.pt is an
@@ -75,6 +77,9 @@ Some warnings
 - rand_ratio counts against --num_training_steps: change the length and the switch point moves.
 - On GPUs the SVD and the all-reduce are assumed deterministic, so that ranks agree bit for bit;
   `--check_ranks_every` verifies it.
+
+Logged on projection steps: method/proj_random (0: SVD, 1: random) and method/proj_kept, the mean
+share of ‖G‖² that the new subspaces keep (top-r energy for the SVD, about r/n for random P).
 
 Usage
     python train.py --method golore                       # tiny defaults: r 32, T 50, rand_ratio 0.8
@@ -118,16 +123,17 @@ def svd_projector(G, r, right):
     """GaLore's P: top-r right singular vectors (r×n) if right, else left ones (m×r)."""
     try:
         U, S, Vh = torch.linalg.svd(at_least_fp32(G), full_matrices=False)
-    except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError: retry with LAPACK in float64
+    except torch.linalg.LinAlgError:  # "failed to converge" (GaLore#58): retry with LAPACK in float64
         U, S, Vh = (t.to(G.device) for t in torch.linalg.svd(G.detach().double().cpu(), full_matrices=False))
     return Vh[:r] if right else U[:, :r]
 
 
-def random_projector(m, n, r, right, generator, device):
-    """GoLore's P: uniform on the Stiefel manifold (Haar), of the same shape as svd_projector's."""
+def random_projector(m, n, r, right, generator, device="cpu"):
+    """GoLore's P: uniform on the Stiefel manifold (Haar), of svd_projector's shape; float64, on the
+    GPU if `device` is one (the QR is the cost there), else on the CPU."""
     Z = torch.randn(n if right else m, r, generator=generator, dtype=torch.float64)  # CPU: same on every rank
-    Q, R = torch.linalg.qr(Z.to(device))  # Q (d, r) orthonormal columns
-    Q = Q * torch.where(torch.diagonal(R) < 0, -1.0, 1.0)  # sign fix: without it Q is not Haar-uniform
+    Q, upper = torch.linalg.qr(Z.to(device if torch.device(device).type == "cuda" else "cpu"))  # Q (d, r)
+    Q = Q * torch.where(torch.diagonal(upper) < 0, -1.0, 1.0)  # sign fix: without it Q is not Haar-uniform
     return Q.T if right else Q
 
 
@@ -173,14 +179,15 @@ class GoLoreLinear(nn.Module):
     def merge_and_reinit(self, G, optimizer=None, generator=None):
         """The projection event, given the (all-reduced) full gradient G (m, n).
 
-        generator None: P from the SVD of G (GaLore); else a random P drawn from it (GoLore)."""
+        generator None: P from the SVD of G (GaLore); else a random P drawn from it (GoLore).
+        Returns ‖G·P_newᵀ‖² / ‖G‖², the share of the gradient's energy the new subspace keeps."""
         G = at_least_fp32(G)
         # W <- W - s·R·P: the function is unchanged once R is zeroed below
         self.weight.copy_(self.merged_weight())
         P_old = at_least_fp32(self.proj).clone()
         m, n = self.weight.shape
         P_new = (svd_projector(G, self.r, self.right) if generator is None
-                 else random_projector(m, n, self.r, self.right, generator, G.device)).to(P_old.dtype)
+                 else random_projector(m, n, self.r, self.right, generator, G.device)).to(P_old)
         self.proj.copy_(P_new)
         # first moment: lift to m×n with P_old, project with P_new; exp_avg_sq and step are kept
         state = optimizer.state.get(self.factor, {}) if optimizer is not None else {}
@@ -193,6 +200,7 @@ class GoLoreLinear(nn.Module):
         if self.factor.grad is None:
             self.factor.grad = torch.empty_like(self.factor)
         self.factor.grad.copy_(self.factor_grad(G))
+        return (self.factor.grad.pow(2).sum() / (self.scale ** 2 * G.pow(2).sum() + 1e-30)).item()
 
 
 # ----------------------------------------------------------------------------- model surgery
@@ -231,7 +239,9 @@ def use_random(step, cfg, train):
 
 
 def projection_generator(seed, step):
-    """The random projectors' RNG: a function of (seed, step) only, so every rank draws the same P."""
+    """The random projectors' RNG: a function of (seed, step) only, so every rank draws the same P.
+
+    (The offset keeps this stream apart from data.py's batch generator, seeded 1_000_003·seed + step.)"""
     return torch.Generator().manual_seed(1_000_003 * seed + step + 0x601D)
 
 
@@ -249,6 +259,7 @@ def before_step(step, model, opt, cfg, train):
     rand = use_random(step, cfg, train)
     gen = projection_generator(train.seed, step) if rand else None
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    kept = []
     for layer in golore_layers(model):  # same order on every rank: the generator draws agree
         G = layer.weight.grad
         if G is None:
@@ -256,10 +267,11 @@ def before_step(step, model, opt, cfg, train):
         if world > 1:  # DDP averages only its own parameters; G is ours (gloo has no AVG: sum, divide)
             dist.all_reduce(G)
             G /= world
-        layer.merge_and_reinit(G, opt, gen)
+        kept.append(layer.merge_and_reinit(G, opt, gen))
         layer.weight.grad = None
         layer.weight.requires_grad_(False)
-    return {"proj_random": float(rand)}
+    # proj_kept: mean share of ‖G‖² inside the new subspaces (SVD: the top-r energy; random: about r/n)
+    return {"proj_random": float(rand), "proj_kept": sum(kept) / len(kept)}
 
 
 @torch.no_grad()
