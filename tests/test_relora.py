@@ -14,6 +14,15 @@ from model import GPT, GPTConfig, get_config, load_plain
 from train import TrainConfig, default_optimizer
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is as fast, and far faster on a shared, busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def small_gpt(seed=0):
     torch.manual_seed(seed)
     cfg = GPTConfig(vocab_size=23, n_layer=2, n_head=2, n_embd=16, intermediate_size=24, max_seq_len=16)
