@@ -65,6 +65,7 @@ Some warnings:
    Pass a larger --lr for SwitchLoRA than for full-rank training.
  - A layer with min(m, n) ≤ r never switches (it is plain LoRA). In `tiny` every adapted layer has
    min(m, n) = 128, so r must be well below 128.
+ - With --lora_dropout > 0 a switch (like any LoRA merge) keeps the function in eval mode only.
  - Decoupled weight decay still shrinks a frozen vector (as in the official code); the default is 0.
  - Pools cost N_c·(m + n) floats per layer (1-2x the size of W), on the CPU by default; they are
    in every checkpoint.
