@@ -153,6 +153,10 @@ class GoLoreLinear(nn.Module):
         # R: (m, r) if right else (r, n); zero, so W_eff = W at wrap
         self.factor = nn.Parameter(torch.zeros((m, r) if self.right else (r, n), **kw))
 
+    def extra_repr(self):
+        m, n = self.weight.shape
+        return f"out={m}, in={n}, r={self.r}, side={'right' if self.right else 'left'}, scale={self.scale}"
+
     def delta(self):
         """R·P (right) or P·R (left): (m, n); W_eff = W - s·delta()."""
         return self.factor @ self.proj if self.right else self.proj @ self.factor
