@@ -19,7 +19,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RANK_KEYS = ("lora_r", "rank", "r")  # the first one a method's config has is shown as its rank
+RANK_KEYS = ("lora_r", "lora_rank", "rank", "r")  # the first one a method's config has is shown as its rank
 
 
 def run_method(method, common, extra, out):
@@ -33,10 +33,12 @@ def run_method(method, common, extra, out):
     with open(os.path.join(save_dir, "summary.json")) as fh:
         summary = json.load(fh)
     with open(os.path.join(save_dir, "config.json")) as fh:
-        mcfg = json.load(fh)["method"]
+        config = json.load(fh)
+    mcfg = config["method"]
     with open(os.path.join(save_dir, "metrics.jsonl")) as fh:
         metrics = [json.loads(line) for line in fh if line.strip()]
     summary["rank"] = next((mcfg[k] for k in RANK_KEYS if k in mcfg), "-")
+    summary["lr"] = config["train"]["lr"]
     summary["command"] = " ".join(["python train.py"] + [shlex.quote(c) for c in cmd[2:]])
     return {"summary": summary, "metrics": metrics}
 
@@ -47,14 +49,14 @@ def mib(n):
 
 def table(results):
     base = results.get("full", {}).get("summary")
-    head = ("| method | rank | trainable / total | weights MiB | grads MiB | optimizer MiB | peak MiB "
+    head = ("| method | rank | lr | trainable / total | weights MiB | grads MiB | optimizer MiB | peak MiB "
             "| tok/s | step time vs full | val loss | val loss vs full |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for m, r in results.items():
         s = r["summary"]
         rt = f"{base['tokens_per_sec'] / s['tokens_per_sec']:.2f}x" if base else "-"
         rv = f"{s['val_loss'] / base['val_loss']:.3f}" if base else "-"
-        rows.append(f"| {m} | {s['rank']} | {s['trainable_params'] / 1e6:.3f}M / {s['total_params'] / 1e6:.3f}M "
+        rows.append(f"| {m} | {s['rank']} | {s['lr']:g} | {s['trainable_params'] / 1e6:.3f}M / {s['total_params'] / 1e6:.3f}M "
                     f"| {mib(s['param_bytes'])} | {mib(s['grad_bytes'])} | {mib(s['optimizer_state_bytes'])} "
                     f"| {mib(s['peak_memory_bytes'])} | {s['tokens_per_sec']:,.0f} | {rt} | {s['val_loss']:.4f} | {rv} |")
     return "\n".join(rows)

@@ -17,6 +17,8 @@ points in the module and falls back to the defaults when one is missing.
 
   Config                                   dataclass (required). Its fields become flags; a field's
                                            metadata may hold "help" and "aliases" (["--lora_r"]).
+  TRAIN_DEFAULTS                           dict: the method's own defaults for train.py flags
+                                           ({"lr": 1e-2}); the command line still wins.
   wrap(model, cfg, train)                  in-place surgery on the raw GPT, already on its device,
                                            before compile and DDP; freezes what the method freezes.
   make_optimizer(model, cfg, train)        -> optimizer. Default: AdamW over trainable parameters.
@@ -173,6 +175,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Low-rank pre-training driver (see the docstring of train.py)")
     add_dataclass_flags(parser, TrainConfig, "training")
     add_dataclass_flags(parser, method.Config, f"method: {method.__name__}")
+    parser.set_defaults(**getattr(method, "TRAIN_DEFAULTS", {}))  # e.g. a method's own default --lr
     ns = vars(parser.parse_args(argv))
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     tc = TrainConfig(**{k: v for k, v in ns.items() if k in train_keys})
