@@ -83,6 +83,12 @@ Some warnings
 - With dropout > 0 the adapter output is stochastic in train mode; merge invariance holds for
   eval mode (or dropout 0).
 - The paper's recipe needs a full-rank warm start; from scratch ReLoRA lands close to LoRA.
+- On `tiny` (h = 128, r = 32) the adapter matmuls cost about what the skipped dW saves, and the
+  extra small ops and dropout make a step slower than full-rank; ReLoRA saves memory (no gradient
+  or Adam state for W), and speed only at scale, where r << h.
+
+Logged at each event: method/relora_merges (merges so far) and method/optimizer_zeroed_frac (the
+fraction of LoRA Adam entries that are zero after the reset; 1.0 for the exact reset).
 
 Usage
 -----
