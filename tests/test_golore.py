@@ -15,6 +15,15 @@ import train
 from model import GPT, GPTConfig, adapted_linear_names, get_config, load_plain
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and kinder to a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_gpt(seed=0):
     torch.manual_seed(seed)
     return GPT(GPTConfig(vocab_size=11, n_layer=1, n_head=2, n_embd=8, intermediate_size=12, max_seq_len=16)).double()
