@@ -63,10 +63,10 @@ def table(results):
 
 
 def plots(results, out):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
+
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     for m, r in results.items():
         va = [(x["tokens"], x["val_loss"]) for x in r["metrics"] if "val_loss" in x]
         if va:
@@ -77,8 +77,8 @@ def plots(results, out):
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out, "bench_loss.png"), dpi=80)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     names = list(results)
     bottom = [0.0] * len(names)
     for key, label in (("param_bytes", "weights"), ("grad_bytes", "gradients"), ("optimizer_state_bytes", "optimizer state")):
@@ -89,7 +89,6 @@ def plots(results, out):
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out, "bench_memory.png"), dpi=80)
-    plt.close(fig)
 
 
 def main(argv=None):

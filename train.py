@@ -278,23 +278,18 @@ def git_commit():
 
 
 def plot_losses(records, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    tr = [(r["tokens"], r["loss"]) for r in records if "loss" in r]
-    va = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    if tr:
-        ax.plot(*zip(*tr), label="train", lw=1)
-    if va:
-        ax.plot(*zip(*va), "o-", label="val", ms=3)
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("loss")
+    from matplotlib.figure import Figure  # no pyplot: never switches the backend of a notebook that calls main()
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
+    for key, style, label in (("loss", "-", "train"), ("val_loss", "o-", "val")):
+        pts = [(r["tokens"], r[key]) for r in records if key in r]
+        if pts:
+            ax.plot(*zip(*pts), style, label=label, ms=3, lw=1)
+    ax.set(xlabel="tokens", ylabel="loss")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- main
