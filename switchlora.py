@@ -6,8 +6,8 @@ Full-Rank Information", 2024, arXiv:2406.06564. Official code: github.com/asfsds
 Spec: METHODS.md §3.
 
 The idea. Each adapted linear computes y = W x + s·B·A·x with a frozen W (m×n), trainable
-A (r×n) and B (m×r), s = lora_alpha / r = 1/r. A plain LoRA update B·A can only explore an
-r-dimensional subspace. SwitchLoRA keeps, per layer, a pool of N_c = min(m, n) candidate rows for A
+A (r×n) and B (m×r), s = lora_alpha / r = 1/r. A plain LoRA update s·(B·A − B0·A0) has rank at
+most 2r (r with B0 = 0), whatever the training does. SwitchLoRA keeps, per layer, a pool of N_c = min(m, n) candidate rows for A
 and candidate columns for B. Every step a few of the r active vectors are swapped with candidates,
 and W absorbs the difference so the function does not change:
     switch row i of A to candidate c:     W ← W + s·B[:, i]·(A[i, :] − C_A[c]),   A[i, :] ← C_A[c]
