@@ -204,6 +204,26 @@ def test_refresh_changes_function_by_at_most_quantization_error(quantize_w, K):
             torch.testing.assert_close(after_logits, requant(x)[0], atol=1e-5, rtol=1e-5)
 
 
+def test_sub_quantum_update_vanishes_unless_compensated():
+    """USER_NEEDS §2.5: requantization drops an update smaller than a quantization step; the
+    error-compensated init keeps it in B when it lies in the new subspace."""
+    lost = {}
+    for K in (0, 3):
+        lay = layer(64, 48, lora_r=4)
+        set_random_adapter(lay)
+        with torch.no_grad():
+            lay.B.mul_(1e-4)  # s·ΔW far below half a quantization step
+        W_q, dW = lay.W.dequantize().clone(), lay.s * lay.delta()
+        lay.grad_W = torch.randn(64, 4) @ lay.P.dequantize()  # G whose top singular space is P's own
+        loqt.after_step(0, nn.Sequential(lay), torch.optim.AdamW([lay.B]), cfg(compensate_quant_error_iterations=K),
+                        train_cfg())
+        lost[K] = (lay.merged_weight() - (W_q + dW)).norm().item()
+        if K == 0:  # Q did not move, B is zero: the update is gone
+            torch.testing.assert_close(lay.W.dequantize(), W_q, atol=1e-5, rtol=1e-4)  # (block scales shift a hair)
+            assert lost[0] > 0.8 * dW.norm().item()
+    assert lost[3] < 0.5 * lost[0]
+
+
 def train_cfg(**kw):
     import train
     return train.TrainConfig(**{"num_training_steps": 100, "lr": 1e-3, **kw})
@@ -318,7 +338,7 @@ def test_summary_bytes_nf4_and_adam8bit(train_run, tmp_path):
 @pytest.mark.parametrize("how", ["keep", "reset", "project"])
 def test_refresh_optimizer_state(how, optimizer):
     model = tiny_gpt()
-    c = loqt.Config(optimizer=optimizer, refresh_optimizer_state=how, lora_r=32)
+    c = loqt.Config(optimizer=optimizer, refresh_optimizer_state=how, lora_r=32, compensate_quant_error_iterations=1)
     loqt.wrap(model, c)
     tc = train_cfg()
     opt = loqt.make_optimizer(model, c, tc)
