@@ -28,7 +28,7 @@ import bench
 import train
 
 FAST = os.environ.get("FAST") == "1"  # the tests run every notebook with FAST=1 (seconds)
-STEPS = 10 if FAST else 200
+STEPS = 10 if FAST else 80
 METHODS = [m for m in ["full", "relora", "switchlora", "golore", "lte", "loqt"] if m in train.available_methods()]
 OUT = tempfile.mkdtemp(prefix="compare_")
 print("methods:", METHODS, "| updates:", STEPS)
