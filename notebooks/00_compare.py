@@ -34,9 +34,12 @@ OUT = tempfile.mkdtemp(prefix="compare_")
 print("methods:", METHODS, "| updates:", STEPS)
 
 # %%
+os.environ["OMP_NUM_THREADS"] = "1"  # one thread per run: tiny matrices gain nothing from more on a CPU
 args = ["--methods", ",".join(METHODS), "--out", OUT, "--num_training_steps", str(STEPS),
         "--eval_every", str(max(1, STEPS // 5)), "--warmup_steps", str(max(1, STEPS // 10)),
         "--sample_tokens", "0", "--data_dir", os.path.abspath("../data_cache")]
+if FAST:  # seconds: short windows, small batches, a small validation set
+    args += ["--max_length", "32", "--batch_size", "4", "--eval_tokens", "1024"]
 assert bench.main(args) == 0
 
 # %% [markdown]
