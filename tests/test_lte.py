@@ -3,8 +3,6 @@
 Float64 on a 2-layer width-16 model unless a test goes through train.py."""
 
 import copy
-import math
-import os
 
 import pytest
 import torch
