@@ -124,6 +124,21 @@ def test_merge_moves_W_to_the_head_mean_and_every_head_then_computes_W(num_heads
     torch.testing.assert_close(model(xx)[0], tr, rtol=0, atol=1e-12)
 
 
+@torch.no_grad()
+def test_training_forward_sends_chunk_h_through_head_h():
+    model, _, cfg, tc = make(num_heads=3, batch=6)
+    perturb(model, seed=2)
+    lte.merge_heads(model, lte.make_optimizer(model, cfg, tc), cfg, tc, step=0)  # non-zero prev factors
+    perturb(model, seed=3)
+    layer = model.layers[1].mlp.down_proj
+    x = torch.randn(6, 5, F, dtype=torch.float64)
+    expected = torch.cat([x[2 * h:2 * h + 2] @ w.T for h, w in enumerate(effective_weights(layer))])
+    layer.train()
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)
+    layer.eval()  # evaluation: W alone
+    torch.testing.assert_close(layer(x), x @ layer.weight.T, rtol=0, atol=1e-13)
+
+
 def test_gradient_of_head_h_depends_only_on_chunk_h():
     model, _, cfg, tc = make(num_heads=4, batch=8)
     perturb(model)
