@@ -538,7 +538,7 @@ def main(argv=None):
         "optimizer_state_bytes": state_bytes(optimizer), "peak_memory_bytes": peak_memory(device),
         "device": str(device), "world_size": tc.world_size, "dtype": tc.dtype,
     }
-    if ddp and tc.check_ranks_every:
+    if ddp and tc.check_ranks_every and not interrupted:  # a stop between LTE local merges may differ
         assert_ranks_agree(raw, step)
     plain = method.export(raw, mc) if hook("export") else raw.state_dict()
     if master and not interrupted:
