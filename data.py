@@ -4,8 +4,11 @@ Data: text -> tokens -> memmapped shards -> batches of random windows.
 Sources (`--dataset`):
   builtin              English text that ships with Python (`pydoc_data.topics`, ~465 KB): no network
   path/to/file_or_dir  local .txt / .jsonl / .parquet files (jsonl and parquet: the "text" field)
-  owner/name           a Hugging Face hub dataset, streamed up to `--max_train_tokens`
+  owner/name           a Hugging Face hub dataset, streamed up to `--dataset_tokens`
                        (`--dataset allenai/c4 --dataset_config en`, `--dataset roneneldan/TinyStories`)
+A name that looks like a path (leading . / ~, a text-file extension, two or more slashes) but does
+not exist fails as "dataset path not found" before any tokenizer download; any failure to load or
+stream a hub dataset becomes one line too (offline: --dataset builtin or a local path).
 
 Tokenizers (`--tokenizer`, tiktoken in both cases):
   bytes   a byte-level tiktoken.Encoding (256 bytes + <|endoftext|> = 257 tokens); needs no download
@@ -16,7 +19,10 @@ Documents are encoded with `encode_ordinary` (raw text containing "<|endoftext|>
 and joined with the end-of-text token. The token stream is cut into blocks of BLOCK tokens and
 every k-th block goes to validation (k = 1 / val_fraction): a deterministic split that works for a
 few long documents as well as for millions of short ones. The shards (train.bin / val.bin as
-uint16 or uint32, plus meta.json) are written once under `--data_dir` and reused.
+uint16 or uint32, plus meta.json) are written once under `--data_dir` and reused; their folder is
+keyed on the source, `--dataset_config`, tokenizer, token budget, val_fraction and BLOCK. A local
+source is keyed on its absolute path plus each file's relative path, size and mtime_ns, so an
+edited file is re-tokenized; builtin and hub names are keyed on the name alone.
 
 Batches: the global batch of update `step` is a pure function of (seed, step): `total_batch_size`
 window offsets drawn from a generator seeded with (seed, step). Rank r's micro-batch m is the slice
@@ -35,6 +41,9 @@ import tiktoken
 import torch
 
 BLOCK = 4096  # tokens per split block
+TEXT_EXTS = ("txt", "jsonl", "json", "parquet")  # the file types local_documents reads
+# suffixes that mark a --dataset name as a file (hub names may contain dots: dclm-baseline-1.0)
+PATH_EXTS = tuple("." + e for e in TEXT_EXTS + ("csv", "tsv", "md", "text", "gz", "zst", "arrow"))
 
 
 class DataError(ValueError):
@@ -63,8 +72,24 @@ def get_tokenizer(name, dataset="builtin"):
                         "offline, use --tokenizer bytes") from None
 
 
+def looks_like_path(name):
+    return (name.startswith((".", "/", "~")) or name.lower().endswith(PATH_EXTS)
+            or name.count("/") > 1 or (os.sep != "/" and os.sep in name))
+
+
 def is_hub_name(dataset):
-    return dataset != "builtin" and not os.path.exists(dataset) and dataset.count("/") == 1
+    return (dataset != "builtin" and not os.path.exists(dataset) and not looks_like_path(dataset)
+            and dataset.count("/") == 1)
+
+
+def check_source(dataset):
+    """Fail on a missing path or an unusable name before a tokenizer (maybe a download) is loaded."""
+    if dataset == "builtin" or os.path.exists(dataset) or is_hub_name(dataset):
+        return
+    if looks_like_path(dataset):  # a typo in a local path, not a hub name that failed to download
+        raise DataError(f"dataset path not found: {dataset} "
+                        "(it is neither 'builtin', an existing path, nor a hub name owner/name)")
+    raise DataError(f"dataset '{dataset}' is neither 'builtin', an existing path, nor a hub name owner/name")
 
 
 # ----------------------------------------------------------------------------- text sources
@@ -74,15 +99,18 @@ def builtin_documents():
     return [topics.topics[k] for k in sorted(topics.topics)]
 
 
+def local_files(path):
+    """The files a local source reads, sorted (the shard key is built from the same list)."""
+    if not os.path.isdir(path):
+        return [path]
+    files = sorted(f for ext in TEXT_EXTS for f in glob.glob(os.path.join(path, "**", f"*.{ext}"), recursive=True))
+    if not files:
+        raise DataError(f"no .txt, .jsonl or .parquet files under {path}")
+    return files
+
+
 def local_documents(path):
-    if os.path.isdir(path):
-        files = sorted(f for ext in ("txt", "jsonl", "json", "parquet")
-                       for f in glob.glob(os.path.join(path, "**", f"*.{ext}"), recursive=True))
-        if not files:
-            raise DataError(f"no .txt, .jsonl or .parquet files under {path}")
-    else:
-        files = [path]
-    for f in files:
+    for f in local_files(path):
         if f.endswith(".txt"):
             with open(f, encoding="utf-8", errors="replace") as fh:
                 yield fh.read()
@@ -105,27 +133,46 @@ def local_documents(path):
 
 
 def hub_documents(name, config=None, split="train"):
-    import datasets
-    ds = datasets.load_dataset(name, config, split=split, streaming=True)
-    for row in ds:
-        yield row["text"]
+    # `datasets` fails in many ways (offline, unknown name or config, a dropped stream), each with a
+    # long traceback; all of them become one line that says what to do
+    try:
+        import datasets
+        for row in datasets.load_dataset(name, config, split=split, streaming=True):
+            if not isinstance(row.get("text"), str):
+                raise DataError(f"hub dataset '{name}': a row without a string 'text' field (fields: {sorted(row)})")
+            yield row["text"]
+    except DataError:
+        raise
+    except Exception as e:
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        cfg = f" (config '{config}')" if config else ""
+        raise DataError(f"cannot load hub dataset '{name}'{cfg}: {type(e).__name__}: {why}; check the name, "
+                        "--dataset_config and the network; offline, use --dataset builtin or a local path") from None
 
 
 def documents(dataset, dataset_config=None):
+    check_source(dataset)
     if dataset == "builtin":
         return iter(builtin_documents())
     if os.path.exists(dataset):
         return local_documents(dataset)
-    if is_hub_name(dataset):
-        return hub_documents(dataset, dataset_config)
-    raise DataError(f"dataset '{dataset}' is neither 'builtin', an existing path, nor a hub name owner/name")
+    return hub_documents(dataset, dataset_config)
 
 
 # ----------------------------------------------------------------------------- shards
 
+def source_key(dataset):
+    """The name for builtin and hub sources; for a local one its path and its files' (path, size, mtime)."""
+    if dataset == "builtin" or not os.path.exists(dataset):
+        return dataset
+    root = dataset if os.path.isdir(dataset) else os.path.dirname(os.path.abspath(dataset))
+    stats = [(os.path.relpath(f, root), st.st_size, st.st_mtime_ns)
+             for f in local_files(dataset) for st in [os.stat(f)]]
+    return [os.path.abspath(dataset), sorted(stats)]
+
+
 def shard_dir(data_dir, dataset, dataset_config, tokenizer_name, max_tokens, val_fraction):
-    key = json.dumps([os.path.abspath(dataset) if os.path.exists(dataset) else dataset,
-                      dataset_config, tokenizer_name, max_tokens, val_fraction, BLOCK])
+    key = json.dumps([source_key(dataset), dataset_config, tokenizer_name, max_tokens, val_fraction, BLOCK])
     tag = os.path.basename(os.path.normpath(dataset)).replace("/", "_") or "data"
     return os.path.join(data_dir, f"{tag}-{tokenizer_name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}")
 
@@ -133,6 +180,8 @@ def shard_dir(data_dir, dataset, dataset_config, tokenizer_name, max_tokens, val
 def prepare(dataset="builtin", dataset_config=None, tokenizer="auto", data_dir="data_cache",
             max_tokens=50_000_000, val_fraction=0.05, log=print):
     """Tokenize a source into train.bin / val.bin once; return the shard folder."""
+    dataset = os.path.expanduser(dataset)  # a quoted '~/texts' reaches us unexpanded
+    check_source(dataset)  # before the tokenizer: a typo is not reported as a download failure
     enc = get_tokenizer(tokenizer, dataset)
     out = shard_dir(data_dir, dataset, dataset_config, enc.name, max_tokens, val_fraction)
     if os.path.isfile(os.path.join(out, "meta.json")):

@@ -101,7 +101,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import adapted_linear_names
+from model import adapted_linear_names, materialize
 
 
 @dataclass
@@ -223,7 +223,7 @@ def wrap(model, cfg, train=None):
                          "gradient G); use bfloat16 or float32")
     for name in adapted_linear_names(model):
         parent, _, child = name.rpartition(".")
-        base = model.get_submodule(name)
+        base = materialize(model, name)  # real weights for this layer only (the GPT may be a meta skeleton)
         if cfg.r > min(base.weight.shape):
             raise ValueError(f"--rank {cfg.r} exceeds min(out, in) = {min(base.weight.shape)} of {name}")
         setattr(model.get_submodule(parent), child, GoLoreLinear(base, cfg.r, cfg.scale))

@@ -77,6 +77,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import materialize
+
 
 def opt(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
@@ -262,7 +264,7 @@ def wrap(model, cfg, train=None):
     names = [n for n, m in model.named_modules()
              if isinstance(m, nn.Linear) and ("attn" in n or "attention" in n or "mlp" in n)]
     for name in names:
-        lin = model.get_submodule(name)
+        lin = materialize(model, name)  # real weights for this layer only: the float32 model never exists
         if cfg.lora_r > min(lin.in_features, lin.out_features):
             raise ValueError(f"--lora_r {cfg.lora_r} exceeds the smaller side of {name} "
                              f"({lin.out_features}x{lin.in_features})")

@@ -105,6 +105,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import materialize
+
 
 @dataclass
 class Config:
@@ -233,11 +235,13 @@ def wrap(model, cfg, train):
     """Every nn.Linear -> LTELinear; embeddings and norm gains -> Replicas (or frozen)."""
     check_config(model, cfg, train)
     gen = torch.Generator().manual_seed(train.seed)  # the same heads on every rank
-    for parent in list(model.modules()):
+    for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
+            full = f"{parent_name}.{name}" if parent_name else name
             if isinstance(child, nn.Linear):
-                setattr(parent, name, LTELinear(child, cfg, gen))
+                setattr(parent, name, LTELinear(materialize(model, full), cfg, gen))  # one layer at a time
             elif isinstance(getattr(child, "weight", None), nn.Parameter) and not list(child.children()):
+                child = materialize(model, full)
                 if cfg.non_linear == "frozen":
                     child.weight.requires_grad_(False)
                 elif cfg.mode != "mhlora":  # mhlora has no merges: its embedding and norms train as usual

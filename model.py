@@ -22,6 +22,7 @@ contains "attn" or "mlp" (`adapted_linear_names` below). `lm_head` is deliberate
 import json
 import math
 import os
+import zlib
 from dataclasses import asdict, dataclass
 
 import torch
@@ -137,6 +138,7 @@ PRESETS = {
     "llama_1b": (2048, 5461, 24, 32, 1024),
     "llama_3b": (2560, 6848, 32, 32, 1024),
     "llama_7b": (4096, 11008, 32, 32, 2048),
+    "llama_13b": (5120, 13824, 40, 40, 2048),  # LoQT's configs only
 }
 
 
@@ -167,9 +169,13 @@ def get_config(name_or_path, vocab_size):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    """The model. `seed` fixes the initial weights: each tensor is drawn from its own generator,
+    seeded by (seed, tensor name), so the init does not depend on the order in which tensors are
+    created, on the device, or on whether the model was first built on the meta device."""
+
+    def __init__(self, cfg: GPTConfig, seed: int = 0):
         super().__init__()
-        self.config = cfg
+        self.config, self.seed = cfg, seed
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
@@ -180,11 +186,54 @@ class GPT(nn.Module):
         # not persistent: recomputed from the config, so they never bloat checkpoints
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
+        self._plan = None  # where materialize() puts the tensors of a meta-built model
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if not p.is_meta:
+                    p.copy_(self.initial_value(name))
 
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+    def initial_value(self, name):
+        """The initial value of parameter `name` (CPU, float32): N(0, init_std) for every Linear and
+        Embedding weight (HF LLaMA's initializer_range), ones for the RMSNorm gains."""
+        shape = self.get_parameter(name).shape
+        if name.endswith("norm.weight"):
+            return torch.ones(shape)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+        return torch.empty(shape).normal_(0.0, self.config.init_std, generator=g)
+
+    # --- building a big model one layer at a time
+
+    def plan(self, device, dtype=torch.float32, weights=None):
+        """For a model built on the meta device (`with torch.device("meta"): GPT(cfg)`, which allocates
+        nothing): materialize() will put its tensors on `device` in `dtype`, with values from
+        `weights` (a plain state dict: a warm start) or, if None, the seed's init."""
+        self._plan = None if device is None else (torch.device(device), dtype, weights)
+        return self
+
+    @torch.no_grad()
+    def materialize(self, name=""):
+        """Submodule `name` ("" = the whole model) with real tensors, created now, one at a time.
+
+        A method's wrap() calls this on each layer just before replacing it, so at most one layer
+        exists in full precision at a time: a quantizing method never holds the float32 model. On a
+        model built normally (no meta tensors) it just returns the submodule."""
+        module = self.get_submodule(name)
+        if self._plan is None:
+            return module
+        device, dtype, weights = self._plan
+        prefix = name + "." if name else ""
+        for sub_name, sub in module.named_modules(prefix=prefix.rstrip(".")):
+            for key, p in list(sub._parameters.items()):
+                if p is not None and p.is_meta:
+                    full = f"{sub_name}.{key}" if sub_name else key
+                    value = weights[full] if weights is not None else self.initial_value(full)
+                    sub._parameters[key] = nn.Parameter(value.to(device, dtype), requires_grad=p.requires_grad)
+        if not name and self.rope_cos.is_meta:  # the rotary tables are computed, not stored
+            cos, sin = rope_cache(self.config.max_seq_len, self.config.n_embd // self.config.n_head, self.config.rope_theta)
+            self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+        if not name and self.config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        return module
 
     def forward(self, idx, targets=None):
         B, T = idx.shape
@@ -228,6 +277,12 @@ class GPT(nn.Module):
         return idx
 
 
+def materialize(model, name):
+    """model.get_submodule(name) with real tensors: a GPT built on the meta device creates that layer
+    now (GPT.materialize); any other module is returned as it is."""
+    return model.materialize(name) if isinstance(model, GPT) else model.get_submodule(name)
+
+
 def adapted_linear_names(model):
     """Names of the linears the original repos adapt: every nn.Linear whose name has attn/mlp."""
     return [n for n, m in model.named_modules()
@@ -248,9 +303,10 @@ def load_plain(path, map_location="cpu"):
     return model
 
 
-def save_plain(model_or_state, config: GPTConfig, path):
+def save_plain(model_or_state, config: GPTConfig, path, **extra):
+    """model.pt: {'config': dict, 'model': state dict on the CPU, **extra} (train.py adds `steps`)."""
     sd = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
-    torch.save({"config": asdict(config), "model": {k: v.detach().cpu() for k, v in sd.items()}}, path)
+    torch.save({"config": asdict(config), "model": {k: v.detach().cpu() for k, v in sd.items()}, **extra}, path)
 
 
 if __name__ == "__main__":

@@ -110,6 +110,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import materialize
+
 
 def _opt(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
@@ -151,8 +153,10 @@ class ReLoRALinear(nn.Module):
 
     @torch.no_grad()
     def reset_lora_parameters(self, generator):
-        # A ~ U(-1/sqrt(n), 1/sqrt(n)) (PyTorch's Linear init), B = 0: the adapter adds exactly 0
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
+        # A ~ U(-1/sqrt(n), 1/sqrt(n)) (PyTorch's Linear init), B = 0: the adapter adds exactly 0.
+        # Drawn on the CPU, so every device gets the same A.
+        A = torch.empty(self.lora_A.shape, dtype=torch.float32)
+        self.lora_A.copy_(nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator))
         self.lora_B.zero_()
 
     def forward(self, x):  # x (..., n) -> (..., m)
@@ -180,9 +184,9 @@ class ReLoRALinear(nn.Module):
 # ----------------------------------------------------------------------------- model surgery
 
 
-def _generator(seed, step, device):
-    """A torch.Generator that every rank seeds identically for the event at update `step`."""
-    g = torch.Generator(device=device)
+def _generator(seed, step):
+    """A CPU torch.Generator that every rank seeds identically for the event at update `step`."""
+    g = torch.Generator()
     g.manual_seed(seed * 1_000_003 + 7919 * (step + 1) + 17)
     return g
 
@@ -211,8 +215,9 @@ def wrap(model, cfg, train):
         if cfg.lora_r > min(linear.weight.shape):
             raise ValueError(f"--lora_r {cfg.lora_r} exceeds the smaller dimension of {name} "
                              f"{tuple(linear.weight.shape)}; use a rank of at most {min(linear.weight.shape)}")
-    g = _generator(train.seed, -1, targets[0][1].weight.device) if targets else None
-    for name, linear in targets:  # named_modules order: identical on every rank
+    g = _generator(train.seed, -1)
+    for name, _ in targets:  # named_modules order: identical on every rank
+        linear = materialize(model, name)  # real weights for this layer only (the GPT may be a meta skeleton)
         layer = ReLoRALinear(linear, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, g)
         if cfg.zero_lora_A_at_wrap:
             layer.lora_A.data.zero_()
@@ -314,8 +319,7 @@ def after_step(step, model, optimizer, cfg, train):
     reset = step >= P and step % P == 0
     if not (merge or reset):
         return {}
-    device = next(p.device for p in model.parameters())
-    g = _generator(train.seed, step, device)  # one stream per event, consumed in module order
+    g = _generator(train.seed, step)  # one stream per event, consumed in module order
     out = {}
     if merge:
         for m in model.modules():

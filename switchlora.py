@@ -94,6 +94,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import materialize
+
 
 TRAIN_DEFAULTS = {"lr": 1e-2}  # s = 1/r: the adapters need a larger LR than full-rank training
 
@@ -257,7 +259,7 @@ def wrap(model, cfg, train):
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and any(
         s in n for s in ("attn", "attention", "mlp"))]
     for name in names:
-        base = model.get_submodule(name)
+        base = materialize(model, name)  # real weights for this layer only (the GPT may be a meta skeleton)
         if cfg.lora_rank > min(base.in_features, base.out_features):
             raise ValueError(f"--lora_rank {cfg.lora_rank} exceeds min(in, out) = "
                              f"{min(base.in_features, base.out_features)} of {name}")

@@ -9,6 +9,8 @@ The training driver: one LLaMA model, one data pipeline, any method.
 
 Outputs in --save_dir (default out/<method>): config.json, metrics.jsonl, summary.json,
 ckpt.pt (resume with --autoresume), model.pt (a plain model.py state dict) and loss.png.
+main() reads as five stages: setup (device, DDP, data), build (model, method, optimizer),
+resume, the loop of train_step() with evaluation and checkpoints, and finish.
 
 The method seam
 ---------------
@@ -16,11 +18,14 @@ The method seam
 points in the module and falls back to the defaults when one is missing.
 
   Config                                   dataclass (required). Its fields become flags; a field's
-                                           metadata may hold "help" and "aliases" (["--lora_r"]).
-  TRAIN_DEFAULTS                           dict: the method's own defaults for train.py flags
-                                           ({"lr": 1e-2}); the command line still wins.
-  wrap(model, cfg, train)                  in-place surgery on the raw GPT, already on its device,
-                                           before compile and DDP; freezes what the method freezes.
+                                           metadata may hold "help", "aliases" and "choices".
+  TRAIN_DEFAULTS                           dict: the method's own defaults for train.py flags.
+  EVENT_EVERY_UPDATE                       dict of Config values that make the periodic event fire at
+                                           every update (bench.py --memory measures the event with it).
+  wrap(model, cfg, train)                  in-place surgery before compile and DDP. The GPT arrives
+                                           built on the meta device (nothing allocated): call
+                                           `model.materialize(name)` on each layer just before replacing
+                                           it, so one layer at a time exists in full precision.
   make_optimizer(model, cfg, train)        -> optimizer. Default: AdamW over trainable parameters.
   lr_multiplier(step, cfg, train)          -> float, or None for train.py's --scheduler.
   step_start(step, model, cfg, train)      before the first forward of update `step` (e.g. "produce
@@ -28,20 +33,20 @@ points in the module and falls back to the defaults when one is missing.
   before_step(step, model, opt, cfg, train) -> dict. After backward (gradients reduced across ranks
                                            and unscaled), before clipping and opt.step() (SwitchLoRA).
   after_step(step, model, opt, cfg, train)  -> dict. After opt.step() (merges, resets, refreshes).
-  get_state(model, opt, cfg) -> dict       extra checkpointed state (tensors and plain numbers);
-  set_state(model, opt, cfg, state)        restores it. Model buffers and optimizer state are
-                                           checkpointed anyway; most methods need neither hook.
-  export(model, cfg) -> state dict         a plain GPT state dict (adapters merged, weights
-                                           dequantized). Default: model.state_dict().
+  param_step(step, p, model, opt, cfg, train)  --per_layer_updates only: runs when p's gradient is
+                                           complete, before train.py steps the parameters that have a
+                                           gradient; a method with before_step needs it for that mode.
+  get_state(model, opt, cfg) / set_state(model, opt, cfg, state)   extra checkpointed state.
+  export(model, cfg) -> state dict         a plain GPT state dict on the CPU (adapters merged,
+                                           weights dequantized). Default: model.state_dict().
   use_ddp(cfg, train) -> bool              False: no DDP wrapper; the method communicates itself.
 
-`step` is the 0-based index of the update being made. `train` is the TrainConfig below, with
-rank, world_size, grad_accum and device filled in. Hooks run on every rank with the unwrapped
-model; dicts they return are logged as `method/<key>`. The global RNG is reseeded at every update
-from (seed, step, rank), so dropout differs across ranks and resume is exact without saving RNG
-state; randomness that must agree across ranks (re-inits, random projections) should come from a
-torch.Generator seeded with (seed, step). Gradient sync under DDP happens only on the last
-micro-step (require_backward_grad_sync is set before that forward).
+`step` is the 0-based update. `train` is the TrainConfig below, with rank, world_size, grad_accum
+and device filled in. Hooks run on every rank with the unwrapped model; the dicts they return
+(floats or 0-dim tensors) are logged as `method/<key>`. Hooks must run under fake tensors
+(bench.py --memory): no .item(), int() or bool() on model data inside them. The global RNG is
+reseeded at every update from (seed, step, rank); randomness that must agree across ranks comes
+from a generator seeded with (seed, step). Gradients sync on the last micro-step only.
 """
 
 import argparse
@@ -54,10 +59,12 @@ import os
 import re
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -77,7 +84,7 @@ def opt(default, help, **kw):
 class TrainConfig:
     method: str = opt("full", "method file to load: full, relora, switchlora, golore, lte, loqt")
     # model and data
-    model_config: str = opt("tiny", "preset name (tiny, llama_9m ... llama_7b) or a JSON config file")
+    model_config: str = opt("tiny", "preset name (tiny, llama_9m ... llama_13b) or a JSON config file")
     dataset: str = opt("builtin", "builtin | a local .txt/.jsonl/.parquet file or folder | a hub dataset owner/name")
     dataset_config: str = opt(None, "hub dataset config, e.g. en for allenai/c4")
     tokenizer: str = opt("auto", "auto (gpt2 for hub data, bytes otherwise) | bytes | gpt2 | any tiktoken name")
@@ -91,15 +98,21 @@ class TrainConfig:
     lr: float = opt(3e-3, "peak learning rate")
     warmup_steps: int = opt(50, "linear warmup steps", aliases=["--warmup"])
     num_training_steps: int = opt(500, "number of optimizer updates")
-    scheduler: str = opt("cosine", "cosine | linear | constant (methods may add their own)")
+    scheduler: str = opt("cosine", "cosine | linear | constant (relora adds cosine_restarts)")
     min_lr_ratio: float = opt(0.1, "final LR as a fraction of --lr")
     weight_decay: float = opt(0.0, "AdamW weight decay on 2-D tensors")
     adam_beta1: float = opt(0.9, "AdamW beta1")
     adam_beta2: float = opt(0.999, "AdamW beta2")
     adam_eps: float = opt(1e-8, "AdamW epsilon (GaLore-lineage repos use 1e-6)", aliases=["--adamw_eps"])
     grad_clipping: float = opt(1.0, "clip the global gradient norm (0: off)")
+    per_layer_updates: bool = opt(False, "step each parameter as soon as its gradient is complete and free the "
+                                         "gradient (the originals' *_per_layer optimizers); needs --grad_clipping 0, "
+                                         "no gradient accumulation and one process")
     # system
-    dtype: str = opt("auto", "auto (bfloat16 on a bf16 GPU, else float32) | float32 | bfloat16 | float16")
+    dtype: str = opt("auto", "compute dtype under autocast: auto (bfloat16 on a bf16 GPU, else float32) | float32 | bfloat16 | float16")
+    storage_dtype: str = opt("float32", "dtype the weights are stored in: float32 (masters, autocast to --dtype) | "
+                                        "bfloat16 (the originals' pure bf16 model; see each method for what stays float32)",
+                             choices=["float32", "bfloat16"])
     device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps")
     compile: bool = opt(False, "torch.compile the model")
     seed: int = opt(0, "seeds the model init, the data order and every method event")
@@ -108,16 +121,18 @@ class TrainConfig:
     eval_tokens: int = opt(65536, "validation tokens (fixed windows: every method sees the same ones)")
     log_every: int = opt(10, "print and record train metrics every N updates")
     save_every: int = opt(250, "checkpoint every N updates (and at the end); 0: only at the end")
-    save_dir: str = opt(None, "output folder (default out/<method>)")
+    save_dir: str = opt(None, "output folder (default: out/<method>)")
     autoresume: bool = opt(False, "continue from save_dir/ckpt.pt if it exists")
     warmed_up_model: str = opt(None, "start from a plain model.pt (e.g. a full-rank warm-up for ReLoRA)")
     stop_at_step: int = opt(0, "stop as if interrupted after N updates, with a checkpoint (0: off)")
     sample_tokens: int = opt(200, "length of the text sample printed at the end (0: none)")
     check_ranks_every: int = opt(0, "under DDP, assert every N updates that all ranks hold identical weights")
     # filled in at run time, not flags
+    offload_device: str = field(default="cpu", metadata={"cli": False})  # where methods offload tensors to
     rank: int = field(default=0, metadata={"cli": False})
     world_size: int = field(default=1, metadata={"cli": False})
     grad_accum: int = field(default=1, metadata={"cli": False})
+    data_step_offset: int = field(default=0, metadata={"cli": False})
 
 
 class TrainingError(Exception):
@@ -125,7 +140,8 @@ class TrainingError(Exception):
 
 
 USER_ERRORS = (TrainingError, ValueError, FileNotFoundError)
-CORE_FILES = {"model", "data", "train", "bench", "setup", "conftest"}
+CORE_FILES = {"model", "data", "train", "bench", "memory", "sample", "export", "setup", "conftest"}
+SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, as a shell reports it
 
 # ----------------------------------------------------------------------------- command line
 
@@ -156,7 +172,7 @@ def add_dataclass_flags(parser, dc, title):
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         names = ["--" + f.name] + list(f.metadata.get("aliases", []))
-        help_ = f.metadata.get("help", "") + f" (default: {default})"
+        help_ = f.metadata.get("help", "") + ("" if default is None else f" (default: {default})")
         if isinstance(default, bool):
             group.add_argument(*names, dest=f.name, nargs="?", const=True, default=default, type=str2bool, help=help_)
             group.add_argument("--no_" + f.name, dest=f.name, action="store_false", help=argparse.SUPPRESS)
@@ -189,7 +205,7 @@ def parse_args(argv=None):
 
 
 def lr_schedule(step, tc):
-    """LR multiplier: linear warmup t/w, then cosine (or linear) decay to min_lr_ratio (METHODS.md §1)."""
+    """LR multiplier: linear warmup t/w, then cosine (or linear) decay to min_lr_ratio (ReLoRA's `cosine`)."""
     w, T, rho = tc.warmup_steps, tc.num_training_steps, tc.min_lr_ratio
     if tc.scheduler == "constant":
         return 1.0 if step >= w else step / max(1, w)
@@ -232,23 +248,33 @@ def evaluate(model, windows, batch_size, device, autocast, rank=0, world=1):
 
 def atomic_save(obj, path):
     """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, device):
+def load_checkpoint(path, what="checkpoint", advice="; move it away to start fresh"):
+    """A checkpoint memory-mapped on the CPU: tensors are read as they are copied into the model."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        raise TrainingError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}); "
-                            "move it away to start fresh") from None
+        raise TrainingError(f"{what} {path} is corrupt or unreadable ({type(e).__name__}){advice}") from None
+
+
+def mismatch(expected, found, source):
+    """One line naming the tensors that differ between a state dict and the model ({name: shape} each)."""
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    shapes = [f"{k} {tuple(found[k])} in {source} vs {tuple(expected[k])} here"
+              for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    parts = ([f"missing {', '.join(missing[:3])}" + (f" (+{len(missing) - 3})" if len(missing) > 3 else "")] if missing else []) + \
+            ([f"unexpected {', '.join(extra[:3])}" + (f" (+{len(extra) - 3})" if len(extra) > 3 else "")] if extra else []) + shapes[:2]
+    return "; ".join(parts)
 
 
 def assert_ranks_agree(model, step):
-    """Every rank holds bit-identical parameters and buffers (float64 fingerprint per tensor)."""
+    """Every rank holds bit-identical parameters and buffers (a float64 fingerprint per tensor, integer codes too)."""
     fp = torch.stack([t.detach().double().pow(2).sum() + t.detach().double().sum()
-                      for t in model.state_dict().values() if t.is_floating_point()]).cpu()
+                      for t in model.state_dict().values() if not t.is_complex()]).cpu()
     gathered = [torch.zeros_like(fp) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, fp)
     if any(not torch.equal(gathered[0], g) for g in gathered[1:]):
@@ -256,12 +282,7 @@ def assert_ranks_agree(model, step):
 
 
 def state_bytes(optimizer):
-    n = 0
-    for st in optimizer.state.values():
-        for v in st.values():
-            if torch.is_tensor(v):
-                n += v.numel() * v.element_size()
-    return n
+    return sum(v.numel() * v.element_size() for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v))
 
 
 def peak_memory(device):
@@ -277,7 +298,7 @@ def git_commit():
         return "unknown"
 
 
-def plot_losses(records, path):
+def plot_losses(records, path, title):
     from matplotlib.figure import Figure  # no pyplot: never switches the backend of a notebook that calls main()
     fig = Figure(figsize=(6, 3.5))
     ax = fig.subplots()
@@ -285,11 +306,321 @@ def plot_losses(records, path):
         pts = [(r["tokens"], r[key]) for r in records if key in r]
         if pts:
             ax.plot(*zip(*pts), style, label=label, ms=3, lw=1)
-    ax.set(xlabel="tokens", ylabel="loss")
+    ax.set(xlabel="tokens", ylabel="loss", title=title)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0  # exists, owned by someone else
+    return pid > 0
+
+
+@contextlib.contextmanager
+def folder_lock(folder):
+    """Hold `folder/lock` (our pid) for the run, so two runs never write one --save_dir; a stale lock
+    left by a process that no longer exists is taken over."""
+    path, me = os.path.join(folder, "lock"), f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                host, pid = open(path).read().split()
+            except (ValueError, OSError):
+                host, pid = socket.gethostname(), "-1"  # unreadable or half-written: treat as stale
+            if host != socket.gethostname() or process_alive(int(pid)):
+                raise TrainingError(f"--save_dir {folder} is in use by process {pid} on {host}; "
+                                    "wait for it or choose another --save_dir") from None
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)  # stale: its process is gone
+    else:
+        raise TrainingError(f"cannot take the lock {path}")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(me)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+# ----------------------------------------------------------------------------- the stages
+
+
+@dataclass
+class Run:
+    """What a training run holds between updates: made by setup() and build(), advanced by train_step()."""
+    tc: TrainConfig
+    method: Any
+    mc: Any
+    device: torch.device
+    autocast: Any
+    scaler: Any = None
+    data: Any = None
+    model: Any = None  # the raw GPT, wrapped by the method: what hooks, checkpoints and evaluation see
+    forward: Any = None  # what batches go through: the model, compiled and/or wrapped in DDP
+    optimizer: Any = None
+    records: list = field(default_factory=list)
+    step: int = 0  # the update in progress (per-layer hooks read it)
+    log: Any = print
+
+    def hook(self, name):
+        return getattr(self.method, name, None)
+
+
+def setup(tc, method, mc):
+    """Device, DDP and precision -> a Run without data or model yet."""
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if ddp:
+        tc.rank, tc.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if tc.device == "auto":
+        tc.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if tc.device.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(f"--device {tc.device}: no CUDA GPU is visible to torch {torch.__version__}; use --device cpu")
+    if tc.device == "mps" and not torch.backends.mps.is_available():
+        raise TrainingError("--device mps: MPS is not available here; use --device cpu")
+    if ddp and tc.device.startswith("cuda"):
+        tc.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        torch.cuda.set_device(tc.device)
+    if ddp and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if tc.device.startswith("cuda") else "gloo")
+        if tc.device == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 2) // tc.world_size))
+    device = torch.device(tc.device)
+    if tc.dtype == "auto":
+        tc.dtype = "bfloat16" if tc.storage_dtype == "bfloat16" or (device.type == "cuda" and torch.cuda.is_bf16_supported()) else "float32"
+    amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(tc.dtype, "?")
+    if amp_dtype == "?":
+        raise TrainingError(f"unknown --dtype '{tc.dtype}'")
+    if tc.storage_dtype == "bfloat16" and amp_dtype != torch.bfloat16:
+        raise TrainingError(f"--storage_dtype bfloat16 computes in bfloat16: drop --dtype {tc.dtype}")
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    log = print if tc.rank == 0 else (lambda *a, **k: None)
+    return Run(tc, method, mc, device, autocast, scaler, log=log)
+
+
+def check_geometry(tc):
+    if tc.batch_size < 1:
+        raise TrainingError(f"--batch_size must be at least 1, got {tc.batch_size}")
+    if tc.total_batch_size == 0:
+        tc.total_batch_size = tc.batch_size * tc.world_size
+    if tc.total_batch_size % (tc.batch_size * tc.world_size):
+        raise TrainingError(f"--total_batch_size {tc.total_batch_size} must be a multiple of --batch_size "
+                            f"{tc.batch_size} x {tc.world_size} rank(s)")
+    tc.grad_accum = tc.total_batch_size // (tc.batch_size * tc.world_size)
+    if tc.num_training_steps < 1:
+        raise TrainingError("--num_training_steps must be at least 1")
+    if tc.per_layer_updates:
+        why = ("--grad_clipping 0 (the norm of all gradients never exists)" if tc.grad_clipping > 0 else
+               "one micro-step per update (--total_batch_size = --batch_size)" if tc.grad_accum > 1 else
+               "one process (no DDP)" if tc.world_size > 1 else
+               "no --dtype float16 (the GradScaler unscales all gradients at once)" if tc.dtype == "float16" else None)
+        if why:
+            raise TrainingError(f"--per_layer_updates needs {why}")
+
+
+def build(run, vocab_size):
+    """The model and optimizer on the device; the full-precision model never exists there at once.
+
+    The GPT is built on the meta device (shapes only); the method's wrap() materializes and replaces
+    its layers one at a time, then the rest (embeddings, norms, lm_head) is materialized: from the
+    seed's init, or from --warmed_up_model, read tensor by tensor."""
+    tc, mc = run.tc, run.mc
+    gcfg = get_config(tc.model_config, vocab_size)
+    if tc.max_length > gcfg.max_seq_len:
+        raise TrainingError(f"--max_length {tc.max_length} exceeds the model's max_seq_len {gcfg.max_seq_len}")
+    with torch.device("meta"):
+        model = GPT(gcfg, seed=tc.seed)  # the same init on every rank
+    warm = None
+    if tc.warmed_up_model:
+        if not os.path.isfile(tc.warmed_up_model):
+            raise TrainingError(f"--warmed_up_model {tc.warmed_up_model} not found")
+        obj = load_checkpoint(tc.warmed_up_model, "--warmed_up_model", " (expected a model.pt written by train.py)")
+        warm = obj.get("model") if isinstance(obj, dict) else None
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        why = mismatch(expected, {k: v.shape for k, v in warm.items()}, "the file") if isinstance(warm, dict) else "no 'model' state dict"
+        if why:
+            raise TrainingError(f"--warmed_up_model {tc.warmed_up_model} does not fit --model_config {tc.model_config}: {why}")
+        tc.data_step_offset = int(obj.get("steps", 0))  # continue the data stream after the warm-up's batches
+        run.log(f"warm start from {tc.warmed_up_model} (its {tc.data_step_offset} updates of data are skipped)")
+    model.plan(run.device, getattr(torch, tc.storage_dtype), warm)
+    if run.hook("wrap"):
+        run.method.wrap(model, mc, tc)  # METHOD: model surgery, one layer at a time
+    model.materialize()  # whatever the method did not replace
+    model.plan(None)  # done: drop the warm-start file
+    optimizer = run.method.make_optimizer(model, mc, tc) if run.hook("make_optimizer") else default_optimizer(model, tc)
+    for g in optimizer.param_groups:
+        g.setdefault("base_lr", g["lr"])
+    run.model, run.optimizer, run.forward = model, optimizer, model
+    lr_multiplier(run, 0)  # validates --scheduler before any work
+    if tc.per_layer_updates:
+        install_per_layer_updates(run)
+    return run
+
+
+def lr_multiplier(run, step):  # METHOD: a method may replace the schedule (ReLoRA's jagged cosine)
+    m = run.method.lr_multiplier(step, run.mc, run.tc) if run.hook("lr_multiplier") else None
+    return lr_schedule(step, run.tc) if m is None else float(m)
+
+
+def install_per_layer_updates(run):
+    """--per_layer_updates: each parameter is stepped inside its post-accumulate-grad hook and its
+    gradient freed at once, so gradients never exist for the whole model. optimizer.step() then
+    touches just that parameter: every other gradient is None (not computed yet, or freed)."""
+    if run.hook("before_step") and not run.hook("param_step"):
+        raise TrainingError(f"{run.tc.method} changes all gradients before the optimizer step; it does not "
+                            "support --per_layer_updates")
+
+    def on_gradient(p):
+        if run.hook("param_step"):
+            run.method.param_step(run.step, p, run.model, run.optimizer, run.mc, run.tc)  # METHOD
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        p.grad = None  # also when p is not in the optimizer (a full weight the method used)
+
+    for p in run.model.parameters():  # all of them: a method may switch requires_grad on for an event
+        p.register_post_accumulate_grad_hook(on_gradient)
+
+
+def resume(run, ckpt_path):
+    """Load ckpt.pt into the built model and optimizer; -> the update to continue from."""
+    tc, log = run.tc, run.log
+    ck = load_checkpoint(ckpt_path)
+    saved_tc, saved_mc = ck.get("train_config", {}), ck.get("method_config", {})
+    for key in ("method", "model_config"):
+        if saved_tc.get(key) != getattr(tc, key):
+            raise TrainingError(f"checkpoint {ckpt_path} was made with --{key} {saved_tc.get(key)}, not {getattr(tc, key)}")
+    changed = [f"--{k} {v} (now {getattr(run.mc, k)})" for k, v in saved_mc.items()
+               if hasattr(run.mc, k) and getattr(run.mc, k) != v]
+    why = mismatch({k: v.shape for k, v in run.model.state_dict().items()}, {k: v.shape for k, v in ck["model"].items()}, "the checkpoint")
+    if why:
+        raise TrainingError(f"checkpoint {ckpt_path} does not fit this model: {why}"
+                            + (f"; it was made with {', '.join(changed)}" if changed else ""))
+    try:
+        run.model.load_state_dict(ck["model"])
+        run.optimizer.load_state_dict(ck["optimizer"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise TrainingError(f"checkpoint {ckpt_path} does not match this method's optimizer: {str(e).splitlines()[0]}"
+                            + (f"; it was made with {', '.join(changed)}" if changed else "")) from None
+    if run.scaler is not None and "scaler" in ck:
+        run.scaler.load_state_dict(ck["scaler"])
+    if run.hook("set_state"):
+        run.method.set_state(run.model, run.optimizer, run.mc, ck.get("method_state", {}))
+    tc.data_step_offset = saved_tc.get("data_step_offset", 0)
+    run.records = ck.get("records", [])
+    log(f"resumed from {ckpt_path} at update {ck['step']}")
+    return ck["step"]
+
+
+def train_step(run, step, mark=lambda phase: None):
+    """One update: step_start, forward and backward per micro-step, before_step, clipping, the LR, the
+    optimizer step and after_step. -> (sum of the micro-step losses, grad norm or None, events).
+
+    Returns tensors and never reads them, so it also runs on fake tensors; `mark(phase)` names each
+    phase for bench.py --memory."""
+    tc, model, optimizer, hook = run.tc, run.model, run.optimizer, run.hook
+    run.step = step
+    mult = lr_multiplier(run, step)
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] * mult
+    mark("step_start")
+    if hook("step_start"):
+        run.method.step_start(step, model, run.mc, tc)
+    loss_sum = torch.zeros((), device=run.device)
+    for micro in range(tc.grad_accum):
+        x, y = run.data.batch(step + tc.data_step_offset, tc.batch_size, tc.total_batch_size, micro, tc.rank, tc.world_size)
+        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        if run.forward is not model:  # DDP: sync gradients on the last micro-step only; set before the forward
+            run.forward.require_backward_grad_sync = micro == tc.grad_accum - 1
+        mark("forward")
+        with run.autocast:
+            _, loss = run.forward(x, y)
+        loss_sum += loss.detach()
+        loss = loss / tc.grad_accum  # the gradient of the mean over micro-batches
+        mark("backward")  # --per_layer_updates: the optimizer steps happen in here
+        (run.scaler.scale(loss) if run.scaler else loss).backward()
+    events, grad_norm = {}, None
+    if not tc.per_layer_updates:
+        if run.scaler:
+            run.scaler.unscale_(optimizer)
+        mark("before_step")
+        if hook("before_step"):
+            events.update(run.method.before_step(step, model, optimizer, run.mc, tc) or {})  # METHOD
+        mark("clip")
+        if tc.grad_clipping > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tc.grad_clipping)
+        mark("optimizer")
+        if run.scaler:
+            run.scaler.step(optimizer)
+            run.scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    mark("after_step")
+    if hook("after_step"):
+        events.update(run.method.after_step(step, model, optimizer, run.mc, tc) or {})  # METHOD: periodic event
+    return loss_sum, grad_norm, events
+
+
+def save_checkpoint(run, path, step_done):
+    st = run.method.get_state(run.model, run.optimizer, run.mc) if run.hook("get_state") else {}
+    if run.tc.rank == 0:
+        atomic_save({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "step": step_done,
+                     "method_state": st, "train_config": dataclasses.asdict(run.tc),
+                     "method_config": dataclasses.asdict(run.mc), "records": run.records,
+                     **({"scaler": run.scaler.state_dict()} if run.scaler else {})}, path)
+
+
+def finish(run, step_done, start_step, timing, interrupted):
+    """summary.json (also for an interrupted run), and for a finished one model.pt, loss.png and a sample."""
+    tc, model, master = run.tc, run.model, run.tc.rank == 0
+    val = [r for r in run.records if "val_loss" in r]
+    train = [r for r in run.records if "loss" in r]
+    tokens_per_step = tc.total_batch_size * tc.max_length
+    summary = {
+        "method": tc.method, "model_config": tc.model_config, "interrupted": interrupted,
+        "val_loss": val[-1]["val_loss"] if val else None, "val_ppl": val[-1]["val_ppl"] if val else None,
+        "train_loss": train[-1]["loss"] if train else None, "steps": step_done, "tokens": step_done * tokens_per_step,
+        "wall_time_s": timing["wall"], "train_time_s": timing["train"],
+        "tokens_per_sec": (step_done - start_step) * tokens_per_step / max(timing["train"], 1e-9),
+        "total_params": count_params_formula(model.config),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "param_bytes": sum(t.numel() * t.element_size() for t in model.state_dict().values()),
+        "grad_bytes": sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
+        "optimizer_state_bytes": state_bytes(run.optimizer), "peak_memory_bytes": peak_memory(run.device),
+        "peak_memory_kind": "cuda max_memory_allocated" if run.device.type == "cuda" else "process peak RSS",
+        "device": str(run.device), "world_size": tc.world_size, "dtype": tc.dtype, "storage_dtype": tc.storage_dtype,
+    }
+    if tc.world_size > 1 and tc.check_ranks_every and not interrupted:  # a stop between LTE local merges may differ
+        assert_ranks_agree(model, step_done - 1)
+    plain = None if interrupted else (run.method.export(model, run.mc) if run.hook("export") else model.state_dict())
+    if master:
+        with open(os.path.join(tc.save_dir, "summary.json"), "w") as fh:
+            json.dump(summary, fh, indent=1)
+    if master and not interrupted:  # `steps`: a warm start from this file continues the data stream after it
+        save_plain(plain, model.config, os.path.join(tc.save_dir, "model.pt"), steps=step_done + tc.data_step_offset)
+        plot_losses(run.records, os.path.join(tc.save_dir, "loss.png"), f"{tc.method} on {tc.model_config}")
+        run.log(f"done: {step_done} updates, {summary['tokens']:,} tokens in {summary['wall_time_s']:.0f}s "
+                f"({summary['tokens_per_sec']:,.0f} tok/s) | val_loss {summary['val_loss']:.4f} | outputs in {tc.save_dir}")
+        if tc.sample_tokens:  # from the training model in eval mode: the function model.pt holds, no second copy
+            prompt = torch.tensor([[run.data.meta["eot_token"]]], device=run.device)
+            model.eval()
+            with run.autocast:
+                out = model.generate(prompt, tc.sample_tokens, temperature=0.8, top_k=50,
+                                     generator=torch.Generator(run.device).manual_seed(tc.seed))
+            model.train()
+            run.log("sample:\n" + data_lib.decode(run.data.meta["tokenizer"], out[0, 1:].tolist()))
+    return summary
 
 
 # ----------------------------------------------------------------------------- main
@@ -298,265 +629,138 @@ def plot_losses(records, path):
 def main(argv=None):
     """Train; returns {"summary": ..., "metrics": [...]}. Raises TrainingError on bad input."""
     tc, method, mc = parse_args(argv)
-    hook = lambda name: getattr(method, name, None)  # noqa: E731
+    run = setup(tc, method, mc)
+    check_geometry(tc)
+    master, log = tc.rank == 0, run.log
+    if master:  # fail on an unwritable --save_dir before any work
+        try:
+            os.makedirs(tc.save_dir, exist_ok=True)
+        except OSError as e:
+            raise TrainingError(f"--save_dir {tc.save_dir} cannot be created ({e.strerror})") from None
+        if not os.access(tc.save_dir, os.W_OK):
+            raise TrainingError(f"--save_dir {tc.save_dir} is not writable")
+    with folder_lock(tc.save_dir) if master else contextlib.nullcontext():
+        return fit(run, argv)
 
-    # --- distributed and device
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if ddp:
-        tc.rank, tc.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if tc.device == "auto":
-        tc.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if ddp and tc.device.startswith("cuda"):
-        tc.device = f"cuda:{local_rank}"
-        torch.cuda.set_device(tc.device)
-    if ddp and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if tc.device.startswith("cuda") else "gloo")
-        if tc.device == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 2) // tc.world_size))
-    device, master = torch.device(tc.device), tc.rank == 0
-    if tc.dtype == "auto":
-        tc.dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(tc.dtype, "?")
-    if amp_dtype == "?":
-        raise TrainingError(f"unknown --dtype '{tc.dtype}'")
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    log = print if master else (lambda *a, **k: None)
 
-    # --- batch geometry
-    if tc.total_batch_size == 0:
-        tc.total_batch_size = tc.batch_size * tc.world_size
-    if tc.batch_size < 1 or tc.total_batch_size % (tc.batch_size * tc.world_size):
-        raise TrainingError(f"--total_batch_size {tc.total_batch_size} must be a multiple of --batch_size "
-                            f"{tc.batch_size} x {tc.world_size} rank(s)")
-    tc.grad_accum = tc.total_batch_size // (tc.batch_size * tc.world_size)
-    if tc.num_training_steps < 1:
-        raise TrainingError("--num_training_steps must be at least 1")
-
+def fit(run, argv):
+    """Stages 2-5 of main(), while this process holds the --save_dir lock."""
+    tc, log, master = run.tc, run.log, run.tc.rank == 0
+    ckpt_path = os.path.join(tc.save_dir, "ckpt.pt")
     # --- data (rank 0 prepares the shards, the others wait and read them)
     prep = lambda: data_lib.prepare(tc.dataset, tc.dataset_config, tc.tokenizer, tc.data_dir,  # noqa: E731
                                     tc.dataset_tokens, tc.val_fraction, log=log)
     folder = prep() if master else None
-    if ddp:
+    if tc.world_size > 1:
         dist.barrier()
         folder = folder or prep()
-    data = data_lib.TokenData(folder, tc.max_length, tc.seed)
-    val_windows = data.val_windows(tc.eval_tokens)
+    run.data = data_lib.TokenData(folder, tc.max_length, tc.seed)
+    val_windows = run.data.val_windows(tc.eval_tokens)
 
-    # --- model, method surgery, optimizer
-    gcfg = get_config(tc.model_config, data.vocab_size)
-    if tc.max_length > gcfg.max_seq_len:
-        raise TrainingError(f"--max_length {tc.max_length} exceeds the model's max_seq_len {gcfg.max_seq_len}")
-    torch.manual_seed(tc.seed)  # identical init on every rank
-    raw = GPT(gcfg)
-    if tc.warmed_up_model:
-        if not os.path.isfile(tc.warmed_up_model):
-            raise TrainingError(f"--warmed_up_model {tc.warmed_up_model} not found")
-        obj = load_checkpoint(tc.warmed_up_model, "cpu")
-        try:
-            raw.load_state_dict(obj["model"])
-        except (RuntimeError, KeyError, TypeError) as e:
-            raise TrainingError(f"--warmed_up_model {tc.warmed_up_model} does not fit --model_config "
-                                f"{tc.model_config}: {str(e).splitlines()[0]}") from None
-        log(f"warm start from {tc.warmed_up_model}")
-    raw.to(device)
-    if hook("wrap"):
-        method.wrap(raw, mc, tc)  # METHOD: model surgery
-    optimizer = method.make_optimizer(raw, mc, tc) if hook("make_optimizer") else default_optimizer(raw, tc)
-    for g in optimizer.param_groups:
-        g.setdefault("base_lr", g["lr"])
-
-    def lr_mult(step):  # METHOD: a method may replace the schedule (ReLoRA's jagged cosine)
-        m = method.lr_multiplier(step, mc, tc) if hook("lr_multiplier") else None
-        return lr_schedule(step, tc) if m is None else float(m)
-    lr_mult(0)  # validates --scheduler before any work
-
-    n_total = count_params_formula(gcfg)
-    n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+    # --- build and resume
+    build(run, run.data.vocab_size)
+    model, optimizer = run.model, run.optimizer
+    n_total, n_train = count_params_formula(model.config), sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"model {tc.model_config}: {n_total / 1e6:.2f}M params, {n_train / 1e6:.3f}M trainable "
-        f"({100 * n_train / n_total:.1f}%) | method {tc.method} | {tc.world_size} rank(s) on {device.type} "
-        f"| {tc.dtype} | grad_accum {tc.grad_accum} | {tc.total_batch_size * tc.max_length:,} tokens/update")
-
-    # --- resume
-    os.makedirs(tc.save_dir, exist_ok=True) if master else None
-    ckpt_path, start_step, records = os.path.join(tc.save_dir, "ckpt.pt"), 0, []
-    if tc.autoresume and os.path.isfile(ckpt_path):
-        ck = load_checkpoint(ckpt_path, device)
-        for key in ("method", "model_config"):
-            if ck.get("train_config", {}).get(key) != getattr(tc, key):
-                raise TrainingError(f"checkpoint {ckpt_path} was made with --{key} {ck.get('train_config', {}).get(key)}, "
-                                    f"not {getattr(tc, key)}")
-        try:
-            raw.load_state_dict(ck["model"])
-            optimizer.load_state_dict(ck["optimizer"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise TrainingError(f"checkpoint {ckpt_path} does not match this model/method: {str(e).splitlines()[0]}") from None
-        if hook("set_state"):
-            method.set_state(raw, optimizer, mc, ck.get("method_state", {}))
-        start_step, records = ck["step"], ck.get("records", [])
-        log(f"resumed from {ckpt_path} at update {start_step}")
-
-    def save(step_done):
-        st = method.get_state(raw, optimizer, mc) if hook("get_state") else {}
-        if master:
-            atomic_save({"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "step": step_done,
-                         "method_state": st, "train_config": dataclasses.asdict(tc),
-                         "method_config": dataclasses.asdict(mc), "records": records}, ckpt_path)
-
+        f"({100 * n_train / n_total:.1f}%) | method {tc.method} | {tc.world_size} rank(s) on {run.device.type} "
+        f"| {tc.dtype} compute, {tc.storage_dtype} storage | grad_accum {tc.grad_accum} "
+        f"| {tc.total_batch_size * tc.max_length:,} tokens/update")
+    start_step = resume(run, ckpt_path) if tc.autoresume and os.path.isfile(ckpt_path) else 0
+    if start_step > tc.num_training_steps:
+        raise TrainingError(f"checkpoint {ckpt_path} is at update {start_step}, beyond --num_training_steps {tc.num_training_steps}")
+    if start_step == tc.num_training_steps:
+        log(f"{tc.save_dir} has finished its {start_step} updates; nothing to do "
+            "(raise --num_training_steps to continue training)")
+        summary_path = os.path.join(tc.save_dir, "summary.json")
+        summary = json.load(open(summary_path)) if os.path.isfile(summary_path) else {}
+        return {"summary": summary, "metrics": run.records}
     if master:
         with open(os.path.join(tc.save_dir, "config.json"), "w") as fh:
-            json.dump({"train": dataclasses.asdict(tc), "method": dataclasses.asdict(mc), "git_commit": git_commit(),
+            json.dump({"train": dataclasses.asdict(tc), "method": dataclasses.asdict(run.mc), "git_commit": git_commit(),
                        "argv": sys.argv if argv is None else list(argv)}, fh, indent=1)
         with open(os.path.join(tc.save_dir, "metrics.jsonl"), "w") as fh:  # the log up to the checkpoint, no later
-            fh.writelines(json.dumps(r) + "\n" for r in records)
+            fh.writelines(json.dumps(r) + "\n" for r in run.records)
 
-    model = torch.compile(raw) if tc.compile else raw
-    wrapped = ddp and (method.use_ddp(mc, tc) if hook("use_ddp") else True)
-    if wrapped:
+    # --- compile, DDP, signals, progress bar
+    run.forward = torch.compile(model) if tc.compile else model
+    if tc.world_size > 1 and (run.method.use_ddp(run.mc, tc) if run.hook("use_ddp") else True):
         from torch.nn.parallel import DistributedDataParallel as DDP
         import inspect  # buffers are identical on every rank by construction: no per-forward broadcast
         no_sync_kw = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **{no_sync_kw: False})
-
-    stop = {"flag": False}
-    def on_signal(signum, frame):  # noqa: E306
-        stop["flag"] = True
+        run.forward = DDP(run.forward, device_ids=[run.device.index] if run.device.type == "cuda" else None, **{no_sync_kw: False})
+    stop = {"signal": None}
     old_handlers = {}
-    if hasattr(signal, "SIGTERM") and threading_main():
-        for s in (signal.SIGINT, signal.SIGTERM):
-            old_handlers[s] = signal.signal(s, on_signal)
+    if threading_main():
+        for s in SIGNAL_EXIT:
+            old_handlers[s] = signal.signal(s, lambda signum, frame: stop.update(signal=signum))
+    from tqdm import tqdm
+    bar = tqdm(total=tc.num_training_steps, initial=start_step, ncols=80, disable=not (master and sys.stderr.isatty()))
+    say = bar.write if not bar.disable else log  # every line goes through the bar, never across it
 
     def record(rec):
-        records.append(rec)
+        run.records.append(rec)
         if master:
             with open(os.path.join(tc.save_dir, "metrics.jsonl"), "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
 
+    # --- the loop
     tokens_per_step = tc.total_batch_size * tc.max_length
-    try:
-        from tqdm import tqdm
-        bar = tqdm(total=tc.num_training_steps, initial=start_step, ncols=80, disable=not (master and sys.stderr.isatty()))
-    except ImportError:
-        bar = None
-    train_time, t_train_start, interrupted, step, loss_val = 0.0, time.time(), False, start_step - 1, float("nan")
-    raw.train()
+    timing, t_start, interrupted, step_done = {"train": 0.0}, time.time(), False, start_step
+    model.train()
     try:
         for step in range(start_step, tc.num_training_steps):
             t0 = time.perf_counter()
             torch.manual_seed(tc.seed * 1_000_003 + step * 4099 + tc.rank)  # dropout etc.: per step and rank
-            if hook("step_start"):
-                method.step_start(step, raw, mc, tc)
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(tc.grad_accum):
-                x, y = data.batch(step, tc.batch_size, tc.total_batch_size, micro, tc.rank, tc.world_size)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if wrapped:  # sync gradients on the last micro-step only; must be set before the forward
-                    model.require_backward_grad_sync = micro == tc.grad_accum - 1
-                with autocast:
-                    _, loss = model(x, y)
-                loss_sum += loss.detach()
-                loss = loss / tc.grad_accum  # the gradient of the mean over micro-batches
-                (scaler.scale(loss) if scaler else loss).backward()
-            if scaler:
-                scaler.unscale_(optimizer)
-            events = {}
-            if hook("before_step"):
-                events.update(method.before_step(step, raw, optimizer, mc, tc) or {})  # METHOD: before the update
-            grad_norm = (torch.nn.utils.clip_grad_norm_([p for p in raw.parameters() if p.requires_grad], tc.grad_clipping)
-                         if tc.grad_clipping > 0 else None)
-            mult = lr_mult(step)
-            for g in optimizer.param_groups:
-                g["lr"] = g["base_lr"] * mult
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if hook("after_step"):
-                events.update(method.after_step(step, raw, optimizer, mc, tc) or {})  # METHOD: periodic event
-            if ddp:
+            loss_sum, grad_norm, events = train_step(run, step)
+            if tc.world_size > 1:
                 dist.all_reduce(loss_sum)  # SUM (gloo has no AVG)
                 loss_sum /= tc.world_size
-                flag = torch.tensor([float(stop["flag"])], device=device)
+                flag = torch.tensor([float(stop["signal"] is not None)], device=run.device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stop["flag"] = bool(flag.item())
+                if flag.item() and stop["signal"] is None:
+                    stop["signal"] = signal.SIGTERM  # another rank was signalled
             loss_val = loss_sum.item() / tc.grad_accum
             if not math.isfinite(loss_val):
                 raise TrainingError(f"loss is {loss_val} at update {step + 1}; the last good checkpoint "
                                     f"({ckpt_path}) is untouched. Lower --lr or check the data")
             dt = time.perf_counter() - t0
-            train_time += dt
-            done, last = step + 1, step + 1 == tc.num_training_steps
-            if bar:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_val:.3f}")
-            if done % tc.log_every == 0 or events or last:
-                rec = {"step": done, "tokens": done * tokens_per_step, "loss": loss_val, "lr": tc.lr * mult,
-                       "dt_ms": 1000 * dt, "tokens_per_sec": tokens_per_step / dt}
-                if grad_norm is not None:
-                    rec["grad_norm"] = float(grad_norm)
-                rec.update({f"method/{k}": v for k, v in events.items()})
+            timing["train"] += dt
+            step_done = step + 1
+            last = step_done == tc.num_training_steps
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_val:.3f}")
+            events = {k: float(v) for k, v in events.items()}
+            if step_done % tc.log_every == 0 or events or last:
+                rec = {"step": step_done, "tokens": step_done * tokens_per_step, "loss": loss_val, "lr": tc.lr * lr_multiplier(run, step),
+                       "dt_ms": 1000 * dt, "tokens_per_sec": tokens_per_step / dt,
+                       **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
+                       **{f"method/{k}": v for k, v in events.items()}}
                 record(rec)
-                if done % tc.log_every == 0 or last:
-                    msg = (f"step {done} | loss {loss_val:.4f} | lr {tc.lr * mult:.2e} | dt {1000 * dt:.0f}ms "
-                           f"| tok/s {tokens_per_step / dt:,.0f}")
-                    (bar.write if bar and not bar.disable else log)(msg + "".join(f" | {k} {v:.4g}" for k, v in events.items()))
-            if tc.check_ranks_every and ddp and done % tc.check_ranks_every == 0:
-                assert_ranks_agree(raw, step)
-            if done % tc.eval_every == 0 or last:
-                vl = evaluate(raw, val_windows, tc.batch_size, device, autocast, tc.rank, tc.world_size)
-                record({"step": done, "tokens": done * tokens_per_step, "val_loss": vl, "val_ppl": math.exp(min(vl, 50))})
-                log(f"step {done} | val_loss {vl:.4f} | val_ppl {math.exp(min(vl, 50)):.2f}")
-            if tc.stop_at_step and done >= tc.stop_at_step and not last:
-                stop["flag"] = True
-            if (tc.save_every and done % tc.save_every == 0) or last or stop["flag"]:
-                save(done)
-            if stop["flag"] and not last:
+                if step_done % tc.log_every == 0 or last:
+                    say(f"step {step_done} | loss {loss_val:.4f} | lr {rec['lr']:.2e} | dt {1000 * dt:.0f}ms "
+                        f"| tok/s {tokens_per_step / dt:,.0f}" + "".join(f" | {k} {v:.4g}" for k, v in events.items()))
+            if tc.check_ranks_every and tc.world_size > 1 and step_done % tc.check_ranks_every == 0:
+                assert_ranks_agree(model, step)
+            if step_done % tc.eval_every == 0 or last:
+                vl = evaluate(model, val_windows, tc.batch_size, run.device, run.autocast, tc.rank, tc.world_size)
+                record({"step": step_done, "tokens": step_done * tokens_per_step, "val_loss": vl, "val_ppl": math.exp(min(vl, 50))})
+                say(f"step {step_done} | val_loss {vl:.4f} | val_ppl {math.exp(min(vl, 50)):.2f}")
+            stopping = stop["signal"] is not None or (tc.stop_at_step and step_done >= tc.stop_at_step and not last)
+            if (tc.save_every and step_done % tc.save_every == 0) or last or stopping:
+                save_checkpoint(run, ckpt_path, step_done)
+            if stopping and not last:
                 interrupted = True
-                log(f"stopped at update {done}; checkpoint saved to {ckpt_path} (continue with --autoresume)")
+                say(f"stopped at update {step_done}; checkpoint saved to {ckpt_path} (continue with --autoresume)")
                 break
     finally:
-        if bar:
-            bar.close()
+        bar.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
-
-    # --- the end: summary, plain model, plot, sample
-    val = [r for r in records if "val_loss" in r]
-    done = step + 1
-    summary = {
-        "method": tc.method, "model_config": tc.model_config, "interrupted": interrupted,
-        "val_loss": val[-1]["val_loss"] if val else None, "val_ppl": val[-1]["val_ppl"] if val else None,
-        "train_loss": loss_val, "steps": done, "tokens": done * tokens_per_step,
-        "wall_time_s": time.time() - t_train_start, "train_time_s": train_time,
-        "tokens_per_sec": (done - start_step) * tokens_per_step / max(train_time, 1e-9),
-        "total_params": n_total, "trainable_params": n_train,
-        "param_bytes": sum(t.numel() * t.element_size() for t in raw.state_dict().values()),
-        "grad_bytes": sum(p.numel() * p.element_size() for p in raw.parameters() if p.requires_grad),
-        "optimizer_state_bytes": state_bytes(optimizer), "peak_memory_bytes": peak_memory(device),
-        "device": str(device), "world_size": tc.world_size, "dtype": tc.dtype,
-    }
-    if ddp and tc.check_ranks_every and not interrupted:  # a stop between LTE local merges may differ
-        assert_ranks_agree(raw, step)
-    plain = method.export(raw, mc) if hook("export") else raw.state_dict()
-    if master and not interrupted:
-        save_plain(plain, gcfg, os.path.join(tc.save_dir, "model.pt"))
-        plot_losses(records, os.path.join(tc.save_dir, "loss.png"))
-        with open(os.path.join(tc.save_dir, "summary.json"), "w") as fh:
-            json.dump(summary, fh, indent=1)
-        log(f"done: {done} updates, {summary['tokens']:,} tokens in {summary['wall_time_s']:.0f}s "
-            f"({summary['tokens_per_sec']:,.0f} tok/s) | val_loss {summary['val_loss']:.4f} | outputs in {tc.save_dir}")
-        if tc.sample_tokens:
-            sample = GPT(gcfg)
-            sample.load_state_dict(plain)
-            sample.to(device).eval()
-            prompt = torch.tensor([[data.meta["eot_token"]]], device=device)
-            out = sample.generate(prompt, tc.sample_tokens, temperature=0.8, top_k=50,
-                                  generator=torch.Generator(device).manual_seed(tc.seed))
-            log("sample:\n" + data_lib.decode(data.meta["tokenizer"], out[0, 1:].tolist()))
-    return {"summary": summary, "metrics": records}
+    timing["wall"] = time.time() - t_start
+    summary = finish(run, step_done, start_step, timing, interrupted)
+    if stop["signal"] is not None:
+        summary["signal"] = int(stop["signal"])
+    return {"summary": summary, "metrics": run.records}
 
 
 def threading_main():
@@ -565,16 +769,19 @@ def threading_main():
 
 
 def cli():
+    code = 0
     try:
-        main()
+        out = main()
+        code = SIGNAL_EXIT.get(out["summary"].get("signal"), 0)
     except USER_ERRORS as e:
         if os.environ.get("LOWRANK_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -89,8 +89,10 @@ def test_local_txt_jsonl_parquet_and_folder(tmp_path):
 
 
 def test_bad_inputs(tmp_path):
-    with pytest.raises(data.DataError, match="neither"):
+    with pytest.raises(data.DataError, match="dataset path not found"):
         data.prepare(str(tmp_path / "nope"), tokenizer="bytes", data_dir=str(tmp_path))
+    with pytest.raises(data.DataError, match="neither"):
+        data.prepare("nope_not_a_dataset", tokenizer="bytes", data_dir=str(tmp_path))
     (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
     with pytest.raises(data.DataError, match="'text' field"):
         data.prepare(str(tmp_path / "bad.jsonl"), tokenizer="bytes", data_dir=str(tmp_path))
@@ -115,3 +117,83 @@ def test_hub_dataset_is_streamed_up_to_the_token_budget(tmp_path, monkeypatch):
     meta = json.load(open(os.path.join(folder, "meta.json")))
     assert calls == {"name": "allenai/c4", "config": "en", "split": "train", "streaming": True}
     assert meta["train_tokens"] + meta["val_tokens"] == 20_000
+
+
+def test_edited_local_files_are_tokenized_again(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text("old text " * 100)
+    (tmp_path / "src" / "b.txt").write_text("unchanged " * 100)
+    prep = lambda: data.prepare(str(tmp_path / "src"), tokenizer="bytes", data_dir=str(tmp_path / "cache"),  # noqa: E731
+                                log=lambda *a: None)
+    first = prep()
+    assert prep() == first  # unchanged files: the shards are reused
+    (tmp_path / "src" / "a.txt").write_text("new words here " * 100)  # another size ...
+    st = os.stat(tmp_path / "src" / "a.txt")
+    os.utime(tmp_path / "src" / "a.txt", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # ... and mtime
+    second = prep()
+    assert second != first and os.path.isdir(first)
+    tokens = np.concatenate([np.asarray(data.TokenData(second, 8).tokens(s)) for s in ("train", "val")])
+    assert b"new words here" in bytes(tokens[tokens < 256].astype(np.uint8))
+    # the same size but a newer mtime (an edit in place) is a new key too; a single file likewise
+    os.utime(tmp_path / "src" / "b.txt", ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10**9))
+    assert prep() not in (first, second)
+    key = lambda: data.shard_dir("c", str(tmp_path / "src" / "a.txt"), None, "bytes", 100, 0.05)  # noqa: E731
+    before = key()
+    assert key() == before  # deterministic
+    os.utime(tmp_path / "src" / "a.txt", ns=(st.st_atime_ns, st.st_mtime_ns + 3 * 10**9))
+    assert key() != before
+    assert data.shard_dir("c", "builtin", None, "bytes", 100, 0.05) == data.shard_dir("c", "builtin", None, "bytes", 100, 0.05)
+
+
+def test_hub_failures_are_one_line(tmp_path, monkeypatch):
+    import datasets
+
+    def offline(name, config=None, split=None, streaming=False):
+        raise ConnectionError("Couldn't reach 'allenai/c4' on the Hub (LocalEntryNotFoundError)\n  more\n  lines")
+
+    def bad_config(name, config=None, split=None, streaming=False):
+        def rows():  # load_dataset succeeds; the first row fails (how streaming reports some errors)
+            raise ValueError(f"BuilderConfig '{config}' not found.\nAvailable: ['en', 'realnewslike']")
+            yield {}
+        return rows()
+
+    for fake, cause in ((offline, "ConnectionError"), (bad_config, "ValueError")):
+        monkeypatch.setattr(datasets, "load_dataset", fake)
+        with pytest.raises(data.DataError) as err:
+            data.prepare("allenai/c4", "xx", tokenizer="bytes", data_dir=str(tmp_path), log=lambda *a: None)
+        msg = str(err.value)
+        assert "\n" not in msg and "'allenai/c4'" in msg and cause in msg
+        assert "check the name" in msg and "--dataset builtin or a local path" in msg
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: iter([{"content": "x"}]))
+    with pytest.raises(data.DataError, match="'text' field"):
+        data.prepare("allenai/c4", tokenizer="bytes", data_dir=str(tmp_path), log=lambda *a: None)
+
+
+def test_missing_paths_fail_before_the_tokenizer(tmp_path, monkeypatch):
+    import tiktoken
+
+    def no_download(name):
+        raise AssertionError("the tokenizer was loaded")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", no_download)
+    monkeypatch.chdir(tmp_path)
+    for name in ("./my_textz", "/tmp/nothere_lowrank_test", "notes.txt", "corpus.jsonl", "shards/c4.parquet",
+                 "data/texts/more", "~/nothere_lowrank_test", str(tmp_path / "missing" / "dir")):
+        with pytest.raises(data.DataError, match="dataset path not found") as err:
+            data.prepare(name, tokenizer="gpt2", data_dir=str(tmp_path / "cache"))
+        assert "\n" not in str(err.value)
+    # hub names stay hub names (a dot inside a name is no file extension)
+    for name in ("allenai/c4", "roneneldan/TinyStories", "mlfoundations/dclm-baseline-1.0"):
+        assert data.is_hub_name(name) and not data.looks_like_path(name)
+    (tmp_path / "notes.txt").write_text("an existing file " * 50)  # existing paths are used as they are
+    assert data.prepare("notes.txt", tokenizer="bytes", data_dir=str(tmp_path / "cache"), log=lambda *a: None)
+
+
+def test_docstring_names_real_flags_and_the_cache_key():
+    import dataclasses
+    import re
+    import train
+    flags = {f.name for f in dataclasses.fields(train.TrainConfig)}
+    named = set(re.findall(r"`--(\w+)", data.__doc__))
+    assert named and named <= flags, named - flags
+    assert "mtime_ns" in data.__doc__ and "size" in data.__doc__  # the local-source cache key

@@ -164,8 +164,11 @@ def test_sigterm_saves_a_checkpoint_and_autoresume_finishes(data_dir, tmp_path):
             break
     proc.send_signal(signal.SIGTERM)
     rest = proc.stdout.read()
-    assert proc.wait(timeout=60) == 0, rest
+    assert proc.wait(timeout=60) == 143, rest  # 128 + SIGTERM: a script can tell it from a finished run
     assert "checkpoint saved" in rest
+    summary = json.loads((save / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["steps"] >= 3
+    assert not (save / "model.pt").exists()
     step = torch.load(save / "ckpt.pt", weights_only=True)["step"]
     assert 3 <= step < 100000
     done = run_cli(*TINY, "--num_training_steps", str(step + 2), "--autoresume", "--data_dir", data_dir, "--save_dir", save)
