@@ -489,7 +489,10 @@ def install_per_layer_updates(run):
         p.grad = None  # also when p is not in the optimizer (a full weight the method used)
 
     for p in run.model.parameters():  # all of them: a method may switch requires_grad on for an event
-        p.register_post_accumulate_grad_hook(on_gradient)
+        frozen = not p.requires_grad
+        p.requires_grad_(True)  # a hook can only be registered on a tensor that requires grad; it stays
+        p.register_post_accumulate_grad_hook(on_gradient)  # when requires_grad goes off and on again
+        p.requires_grad_(not frozen)
 
 
 def resume(run, ckpt_path):

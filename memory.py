@@ -1,0 +1,312 @@
+"""
+Memory at paper scale: the peak bytes of one training update of any method at any preset, on a CPU.
+
+    python bench.py --memory --model_config llama_7b --methods full,relora,switchlora,golore,lte,loqt
+    python bench.py --memory --model_config llama_60m,llama_130m,llama_350m,llama_1b,llama_7b --ranks paper
+    python bench.py --memory --model_config llama_7b --methods loqt --method_args "loqt=--lora_r 1024 --optimizer adam8bit"
+    python memory.py --check --model_config llama_130m     # the estimate against a real CPU run
+
+How. Nothing here is a formula. train.py's own stages run unchanged: build() (the meta-device
+skeleton, the method's wrap(), the optimizer), then train_step() for two updates, the second one
+with the method's periodic event forced on (the method's EVENT_EVERY_UPDATE: ReLoRA's merge and
+optimizer reset, SwitchLoRA's switch, GoLore's projection, LTE's merge, LoQT's refresh). They run
+on fake tensors (torch._subclasses.fake_tensor.FakeTensorMode): every op computes shapes and dtypes
+and allocates nothing, so llama_7b takes seconds. A TorchDispatchMode (MemoryMeter) sees every
+tensor the ops create and follows its storage until it is freed, so it knows the live bytes after
+every op, and keeps the largest total: the peak, with the phase it happened in and its breakdown:
+
+    weights      parameters and buffers as stored (NF4 codes count as codes, 4.5 bits a weight)
+    grads        .grad of parameters, and full-gradient buffers a method allocates in step_start
+    optimizer    optimizer state tensors (8-bit codes count as codes)
+    activations  tensors created in the forward (what autograd saves, and the forward's transients)
+    temps        everything else: backward transients, the optimizer's and the events' workspaces
+
+Bytes are counted as a CUDA GPU would hold them (torch.cuda.max_memory_allocated): each allocation
+rounded up to 512 bytes, and torch's optimizers on their GPU default (foreach: one extra
+state-sized buffer during the step). Autocast runs as CPU autocast, whose casts match CUDA's for
+the ops this model uses. Tensors a method offloads (train.offload_device) land on the meta device
+here and are reported apart as host bytes. Not modelled: the caching allocator's fragmentation
+and reserved-but-free memory (nvidia-smi shows more), CUDA context and library workspaces
+(cuBLAS, cuSOLVER for the SVD), and NCCL buffers.
+
+Checked against reality (--check, and tests/test_memory.py): the same two updates run for real on
+the CPU while torch.profiler records every allocation of the CPU allocator; the peak of that
+timeline is compared with the estimate made with CPU semantics (no rounding, CPU optimizer
+defaults, offloaded tensors on the CPU too).
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import shlex
+import sys
+import time
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import train
+from model import count_params_formula, get_config
+
+CATEGORIES = ("weights", "grads", "optimizer", "activations", "temps")
+PHASE_CATEGORY = {"build": "weights", "step_start": "grads", "forward": "activations"}  # else: temps
+# ranks of the papers' runs by model size (GaLore/LoQT tables; ReLoRA and SwitchLoRA used 128-256)
+PAPER_RANKS = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256, "llama_1b": 512, "llama_3b": 512,
+               "llama_7b": 1024, "llama_13b": 1024}
+RANK_CAP = {"relora": 512, "switchlora": 256, "golore": 512, "lte": 64, "loqt": 1024}
+GIB = 2 ** 30
+
+
+class MemoryMeter(TorchDispatchMode):
+    """Live bytes of every tensor storage created under it, by device and category, and the peak."""
+
+    def __init__(self, device="cpu", round_to=512):
+        super().__init__()
+        self.device, self.round_to = device, round_to
+        self.live = {}  # storage handle -> [bytes, device type, category]
+        self.now = {c: 0 for c in CATEGORIES}  # bytes on `device`, by category
+        self.host = self.host_peak = 0  # bytes elsewhere (offloaded)
+        self.phase, self.update = "build", 0
+        self.peak, self.peak_at, self.peak_by = 0, None, dict(self.now)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.track(t, PHASE_CATEGORY.get(self.phase, "temps"))
+        return out
+
+    def track(self, t, category):
+        st = t.untyped_storage()
+        if st._cdata in self.live:
+            return
+        n = st.nbytes()
+        if t.device.type == self.device and self.round_to:
+            n = -(-n // self.round_to) * self.round_to
+        self.live[st._cdata] = [n, t.device.type, category]
+        weakref.finalize(st, self.free, st._cdata)
+        if t.device.type == self.device:
+            self.now[category] += n
+            if sum(self.now.values()) > self.peak:
+                self.peak, self.peak_at, self.peak_by = sum(self.now.values()), (self.update, self.phase), dict(self.now)
+        else:
+            self.host += n
+            self.host_peak = max(self.host_peak, self.host)
+
+    def free(self, key):
+        n, dev, category = self.live.pop(key)
+        if dev == self.device:
+            self.now[category] -= n
+        else:
+            self.host -= n
+
+    def claim(self, t, category):
+        """Re-label the storage of tensor t (it turned out to be a weight, a gradient, optimizer state)."""
+        entry = self.live.get(t.untyped_storage()._cdata) if t is not None else None
+        if entry and entry[2] != category:
+            if entry[1] == self.device:
+                self.now[entry[2]] -= entry[0]
+                self.now[category] += entry[0]
+            entry[2] = category
+
+    def mark(self, phase, model=None, optimizer=None):
+        """Enter `phase`; first re-label what the model and optimizer hold now."""
+        for t in ([*model.parameters(), *model.buffers()] if model is not None else []):
+            self.claim(t, "weights")
+            self.claim(getattr(t, "grad", None), "grads")
+        for st in (optimizer.state.values() if optimizer is not None else []):
+            for v in st.values():
+                if torch.is_tensor(v):
+                    self.claim(v, "optimizer")
+        self.phase = phase
+
+
+class FakeBatches:
+    """Stands in for data.TokenData: random token ids of the right shape (fake, under FakeTensorMode)."""
+
+    def __init__(self, vocab_size, max_length):
+        self.vocab_size, self.T = vocab_size, max_length
+
+    def batch(self, step, batch_size, total_batch_size, micro=0, rank=0, world=1):
+        xy = torch.randint(0, self.vocab_size, (batch_size, self.T + 1))
+        return xy[:, :-1], xy[:, 1:]
+
+
+def configure(argv):
+    """train.py's own command line, then the method's event forced on -> (TrainConfig, module, Config)."""
+    tc, method, mc = train.parse_args(argv)
+    mc = dataclasses.replace(mc, **getattr(method, "EVENT_EVERY_UPDATE", {}))
+    train.check_geometry(tc)
+    if tc.dtype == "auto":
+        tc.dtype = "bfloat16"  # what a current GPU runs
+    return tc, method, mc
+
+
+def two_updates(tc, method, mc, vocab_size, device_kind, meter=None):
+    """build() and two train_step()s, on whatever tensors are current (fake or real). -> Run."""
+    amp = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[tc.dtype]
+    autocast = torch.autocast("cpu", dtype=amp) if amp else contextlib.nullcontext()
+    run = train.Run(tc, method, mc, torch.device("cpu"), autocast, log=lambda *a, **k: None)
+    run.data = FakeBatches(vocab_size, tc.max_length)
+    train.build(run, vocab_size)
+    if device_kind == "cuda":  # torch's optimizers take their foreach path on a GPU
+        for g in run.optimizer.param_groups:
+            if "foreach" in g:
+                g["foreach"] = True
+    mark = meter.mark if meter else (lambda *a, **k: None)
+    for p in run.model.parameters() if meter else []:  # a gradient is a gradient as soon as it is accumulated
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(lambda p: meter.claim(p.grad, "grads"))
+    if meter:
+        meter.host_peak = meter.host  # from here on: what a method offloads (the meta skeleton is gone)
+    for step in (0, 1):
+        if meter:
+            meter.update = step + 1
+        torch.manual_seed(step)
+        train.train_step(run, step, mark=lambda phase: mark(phase, run.model, run.optimizer))
+        mark("between updates", run.model, run.optimizer)
+    return run
+
+
+def estimate(argv, vocab_size=32000, device_kind="cuda"):
+    """Peak bytes of the method's most expensive update, on fake tensors. -> dict (memory.json's entry)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    tc, method, mc = configure(argv)
+    tc.offload_device = "meta" if device_kind == "cuda" else "cpu"  # offloaded bytes counted apart
+    t0 = time.time()
+    meter = MemoryMeter("cpu", round_to=512 if device_kind == "cuda" else 0)
+    with FakeTensorMode(), meter:
+        run = two_updates(tc, method, mc, vocab_size, device_kind, meter)
+        trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    by = meter.peak_by
+    return {"peak_bytes": meter.peak, "weights_bytes": by["weights"], "grad_bytes": by["grads"],
+            "optimizer_bytes": by["optimizer"], "activation_bytes": by["activations"], "temp_bytes": by["temps"],
+            "peak_phase": meter.peak_at[1], "peak_update": meter.peak_at[0], "host_bytes": meter.host_peak,
+            "total_params": count_params_formula(get_config(tc.model_config, vocab_size)),
+            "trainable_params": trainable, "seconds": round(time.time() - t0, 1),
+            "command": "python train.py " + " ".join(shlex.quote(a) for a in argv)}
+
+
+def measure(argv, vocab_size=32000):
+    """The same two updates for real on the CPU; the peak of the CPU allocator's timeline (torch.profiler)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+    tc, method, mc = configure(argv)
+    torch.manual_seed(0)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run = two_updates(tc, method, mc, vocab_size, "cpu")
+    del run
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
+            events.append((e.start_time_ns, e.extra_fields.alloc_size))
+        stack.extend(e.children)
+    live = peak = 0
+    for _, n in sorted(events):  # allocations positive, frees negative
+        live += n
+        peak = max(peak, live)
+    return peak
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def table(results):
+    head = ("| preset | method | trainable / total | weights | grads | optimizer | activations | temps "
+            "| **peak GiB** | peak in | vs full |")
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for preset, methods in results.items():
+        full = methods.get("full", {}).get("peak_bytes")
+        for m, r in methods.items():
+            g = lambda k: f"{r[k] / GIB:.2f}"  # noqa: E731
+            ratio = f"{r['peak_bytes'] / full:.2f}x" if full else "-"
+            host = f" (+{r['host_bytes'] / GIB:.1f} host)" if r.get("host_bytes") else ""
+            rows.append(f"| {preset} | {m} | {r['trainable_params'] / 1e6:,.0f}M / {r['total_params'] / 1e6:,.0f}M "
+                        f"| {g('weights_bytes')} | {g('grad_bytes')} | {g('optimizer_bytes')} | {g('activation_bytes')} "
+                        f"| {g('temp_bytes')} | **{r['peak_bytes'] / GIB:.2f}**{host} | {r['peak_phase']} | {ratio} |")
+    return "\n".join(rows)
+
+
+def plot(results, path):
+    from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.subplots()
+    presets = list(results)
+    sizes = [next(iter(results[p].values()))["total_params"] / 1e9 for p in presets]
+    for m in dict.fromkeys(k for p in presets for k in results[p]):
+        pts = [(s, results[p][m]["peak_bytes"] / GIB) for p, s in zip(presets, sizes) if m in results[p]]
+        ax.plot(*zip(*pts), "o-", ms=4, label=m)
+    for gib, label in ((24, "24 GiB"), (80, "80 GiB")):
+        ax.axhline(gib, color="gray", ls="--", lw=1)
+        ax.text(sizes[0], gib * 1.05, label, color="gray", fontsize=8)
+    ax.set(xscale="log", yscale="log", xlabel="parameters (billions)", ylabel="peak GiB (estimated)",
+           title="Peak memory of one training update")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default="full,relora,switchlora,golore,lte,loqt")
+    p.add_argument("--model_config", default="llama_60m", help="one preset, or several separated by commas")
+    p.add_argument("--method_args", action="append", default=[], help='"method=--flag value ..." (repeatable)')
+    p.add_argument("--ranks", default=None, help="'paper': each preset at the papers' rank (capped per method)")
+    p.add_argument("--vocab_size", type=int, default=32000, help="the papers' T5 vocabulary (default 32000)")
+    p.add_argument("--out", default="bench_out")
+    p.add_argument("--check", action="store_true", help="also run the two updates for real on the CPU and compare")
+    args, common = p.parse_known_args(argv)
+    common = ["--batch_size", "1", "--max_length", "256"] + common  # the issue's micro-batch, unless given
+    extra = {}
+    for item in args.method_args:
+        name, _, flags = item.partition("=")
+        extra[name.strip()] = shlex.split(flags)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    results, checks = {}, []
+    for preset in args.model_config.split(","):
+        results[preset] = {}
+        for m in methods:
+            rank = (["--lora_r", str(min(PAPER_RANKS.get(preset, 128), RANK_CAP.get(m, 10 ** 9)))]
+                    if args.ranks == "paper" and m != "full" else [])
+            argv_m = ["--method", m, "--model_config", preset] + common + rank + extra.get(m, [])
+            try:
+                r = estimate(argv_m, args.vocab_size)
+            except train.USER_ERRORS as e:
+                print(f"error: {m} on {preset}: {e}", file=sys.stderr)
+                return 2
+            results[preset][m] = r
+            print(f"{preset:>11} {m:>10}: peak {r['peak_bytes'] / GIB:7.2f} GiB in {r['peak_phase']} "
+                  f"(update {r['peak_update']}; estimated in {r['seconds']:.0f}s)", flush=True)
+            if args.check:
+                est = estimate(argv_m, args.vocab_size, device_kind="cpu")["peak_bytes"]
+                real = measure(argv_m, args.vocab_size)
+                checks.append((preset, m, est, real))
+                print(f"{'':>11} {'':>10}  CPU check: estimate {est / 2**20:,.1f} MiB, measured {real / 2**20:,.1f} MiB "
+                      f"({100 * (est - real) / real:+.1f}%)", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    cmd = "python bench.py --memory " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    md = (f"Command: `{cmd}`  \nEstimated with fake tensors (memory.py); vocabulary {args.vocab_size}; "
+          f"GiB = 2^30 bytes; the host column counts offloaded tensors.\n\n{table(results)}\n")
+    if checks:
+        md += "\n| preset | method | estimate MiB (CPU) | measured MiB (CPU allocator) | difference |\n|---|---|---|---|---|\n"
+        md += "".join(f"| {p_} | {m} | {e / 2**20:,.1f} | {r / 2**20:,.1f} | {100 * (e - r) / r:+.1f}% |\n" for p_, m, e, r in checks)
+    with open(os.path.join(args.out, "memory.md"), "w") as fh:
+        fh.write(md)
+    with open(os.path.join(args.out, "memory.json"), "w") as fh:
+        json.dump({"config": {"command": cmd, "vocab_size": args.vocab_size, "common_args": common,
+                              "method_args": extra, "ranks": args.ranks},
+                   "methods": results if len(results) > 1 else next(iter(results.values()))}, fh, indent=1)
+    if len(results) > 1:
+        plot(results, os.path.join(args.out, "memory.png"))
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
