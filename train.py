@@ -611,7 +611,8 @@ def finish(run, step_done, start_step, timing, interrupted):
         with open(os.path.join(tc.save_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=1)
     if master and not interrupted:  # `steps`: a warm start from this file continues the data stream after it
-        save_plain(plain, model.config, os.path.join(tc.save_dir, "model.pt"), steps=step_done + tc.data_step_offset)
+        save_plain(plain, model.config, os.path.join(tc.save_dir, "model.pt"), steps=step_done + tc.data_step_offset,
+                   tokenizer=run.data.meta["tokenizer"])
         plot_losses(run.records, os.path.join(tc.save_dir, "loss.png"), f"{tc.method} on {tc.model_config}")
         run.log(f"done: {step_done} updates, {summary['tokens']:,} tokens in {summary['wall_time_s']:.0f}s "
                 f"({summary['tokens_per_sec']:,.0f} tok/s) | val_loss {summary['val_loss']:.4f} | outputs in {tc.save_dir}")
