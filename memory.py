@@ -301,7 +301,7 @@ def main(argv=None):
     with open(os.path.join(args.out, "memory.json"), "w") as fh:
         json.dump({"config": {"command": cmd, "vocab_size": args.vocab_size, "common_args": common,
                               "method_args": extra, "ranks": args.ranks},
-                   "methods": results if len(results) > 1 else next(iter(results.values()))}, fh, indent=1)
+                   "methods": results[preset], "presets": results}, fh, indent=1)  # methods: the last preset
     if len(results) > 1:
         plot(results, os.path.join(args.out, "memory.png"))
     print(md)

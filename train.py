@@ -536,16 +536,16 @@ def train_step(run, step, mark=lambda phase: None):
     mult = lr_multiplier(run, step)
     for g in optimizer.param_groups:
         g["lr"] = g["base_lr"] * mult
+    loss_sum = torch.zeros((), device=run.device)
     mark("step_start")
     if hook("step_start"):
         run.method.step_start(step, model, run.mc, tc)
-    loss_sum = torch.zeros((), device=run.device)
     for micro in range(tc.grad_accum):
+        mark("forward")
         x, y = run.data.batch(step + tc.data_step_offset, tc.batch_size, tc.total_batch_size, micro, tc.rank, tc.world_size)
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
         if run.forward is not model:  # DDP: sync gradients on the last micro-step only; set before the forward
             run.forward.require_backward_grad_sync = micro == tc.grad_accum - 1
-        mark("forward")
         with run.autocast:
             _, loss = run.forward(x, y)
         loss_sum += loss.detach()

@@ -179,7 +179,7 @@ def test_sigterm_saves_a_checkpoint_and_autoresume_finishes(data_dir, tmp_path):
 def test_bench_writes_a_table_with_ratios(data_dir, tmp_path):
     import bench
     rc = bench.main(["--methods", "full", "--out", str(tmp_path / "b"), *TINY, "--num_training_steps", "2",
-                     "--data_dir", data_dir])
+                     "--data_dir", data_dir, "--timing_rounds", "1", "--timing_steps", "2"])
     assert rc == 0
     md = (tmp_path / "b" / "bench.md").read_text()
     assert "| full |" in md and "1.00x" in md and "| 1.000 |" in md
