@@ -127,6 +127,9 @@ class TrainConfig:
     stop_at_step: int = opt(0, "stop as if interrupted after N updates, with a checkpoint (0: off)")
     sample_tokens: int = opt(200, "length of the text sample printed at the end (0: none)")
     check_ranks_every: int = opt(0, "under DDP, assert every N updates that all ranks hold identical weights")
+    wandb: bool = opt(False, "also log every metrics.jsonl record to Weights & Biases (WANDB_MODE=offline: no network)")
+    wandb_project: str = opt("lowrank-pretraining", "W&B project")
+    wandb_run_name: str = opt(None, "W&B run name (default: the --save_dir folder name)")
     # filled in at run time, not flags
     offload_device: str = field(default="cpu", metadata={"cli": False})  # where methods offload tensors to
     rank: int = field(default=0, metadata={"cli": False})
@@ -701,11 +704,15 @@ def fit(run, argv):
     bar = tqdm(total=tc.num_training_steps, initial=start_step, ncols=80, disable=not (master and sys.stderr.isatty()))
     say = bar.write if not bar.disable else log  # every line goes through the bar, never across it
 
+    tracker = start_wandb(run, argv) if tc.wandb and master else None
+
     def record(rec):
         run.records.append(rec)
         if master:
             with open(os.path.join(tc.save_dir, "metrics.jsonl"), "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
+        if tracker:
+            tracker.log({k: v for k, v in rec.items() if k != "step"}, step=rec["step"])
 
     # --- the loop
     tokens_per_step = tc.total_batch_size * tc.max_length
@@ -762,9 +769,24 @@ def fit(run, argv):
             signal.signal(s, h)
     timing["wall"] = time.time() - t_start
     summary = finish(run, step_done, start_step, timing, interrupted)
+    if tracker:
+        tracker.summary.update({k: v for k, v in summary.items() if v is not None})
+        tracker.finish()
     if stop["signal"] is not None:
         summary["signal"] = int(stop["signal"])
     return {"summary": summary, "metrics": run.records}
+
+
+def start_wandb(run, argv):
+    """--wandb: a W&B run fed the same records as metrics.jsonl (imported only here)."""
+    try:
+        import wandb
+    except ImportError:
+        raise TrainingError("--wandb needs the wandb package: pip install wandb") from None
+    tc = run.tc
+    return wandb.init(project=tc.wandb_project, name=tc.wandb_run_name or os.path.basename(os.path.abspath(tc.save_dir)),
+                      dir=tc.save_dir, config={"train": dataclasses.asdict(tc), "method": dataclasses.asdict(run.mc),
+                                               "argv": sys.argv if argv is None else list(argv)})
 
 
 def threading_main():

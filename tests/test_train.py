@@ -184,3 +184,129 @@ def test_bench_writes_a_table_with_ratios(data_dir, tmp_path):
     md = (tmp_path / "b" / "bench.md").read_text()
     assert "| full |" in md and "1.00x" in md and "| 1.000 |" in md
     assert (tmp_path / "b" / "bench_loss.png").is_file() and (tmp_path / "b" / "bench_memory.png").is_file()
+
+
+# ----------------------------------------------------------------------------- never lose a run
+
+
+def test_a_second_run_in_the_same_save_dir_is_refused_and_a_stale_lock_taken_over(train_run, tmp_path):
+    import socket
+    save = tmp_path / "locked"
+    save.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (save / "lock").write_text(f"{socket.gethostname()} {other.pid}")
+        with pytest.raises(train.TrainingError, match=f"in use by process {other.pid}"):
+            train_run(save_dir=save)
+        assert not (save / "ckpt.pt").exists()
+    finally:
+        other.kill()
+        other.wait()
+    train_run(save_dir=save)  # the holder is gone: its lock is stale and taken over
+    assert (save / "ckpt.pt").is_file() and not (save / "lock").exists()  # released at the end
+
+
+def test_autoresume_of_a_finished_run_changes_nothing_and_a_longer_one_continues(train_run, tmp_path, capsys):
+    save = tmp_path / "done"
+    train_run(save_dir=save)
+    files = ("ckpt.pt", "model.pt", "summary.json", "config.json", "metrics.jsonl", "loss.png")
+    before = {f: (save / f).read_bytes() for f in files}
+    again = train_run("--autoresume", save_dir=save)
+    assert "has finished its 4 updates; nothing to do" in capsys.readouterr().out
+    assert {f: (save / f).read_bytes() for f in files} == before
+    assert again["summary"]["steps"] == 4 and again["summary"]["train_loss"] == json.loads(before["summary.json"])["train_loss"]
+    longer = train_run("--autoresume", "--num_training_steps", "6", save_dir=save)
+    assert longer["summary"]["steps"] == 6 and (save / "model.pt").read_bytes() != before["model.pt"]
+
+
+def test_ctrl_c_checkpoints_writes_an_interrupted_summary_and_exits_130(data_dir, tmp_path):
+    save = tmp_path / "int"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--num_training_steps", "100000",
+           "--eval_every", "100000", "--data_dir", data_dir, "--save_dir", str(save)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    for line in proc.stdout:
+        if line.startswith("step 2 "):
+            break
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=60) == 130, rest
+    summary = json.loads((save / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["steps"] == torch.load(save / "ckpt.pt", weights_only=True)["step"]
+
+
+# ----------------------------------------------------------------------------- one-line errors
+
+
+def test_more_bad_inputs_fail_early_with_one_line_that_names_the_cause(train_run, data_dir, tmp_path):
+    if not torch.cuda.is_available():
+        with pytest.raises(train.TrainingError, match="no CUDA GPU is visible"):
+            train_run("--device", "cuda", save_dir=tmp_path / "c")
+    with pytest.raises(train.TrainingError, match="--batch_size must be at least 1"):
+        train_run("--batch_size", "0", save_dir=tmp_path / "b")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(train.TrainingError, match="--save_dir .* cannot be created"):
+        train_run("--data_dir", str(tmp_path / "fresh_cache"), save_dir=blocker / "sub")
+    assert not (tmp_path / "fresh_cache").exists()  # refused before any data work
+    (tmp_path / "garbage.pt").write_bytes(b"not a model")
+    with pytest.raises(train.TrainingError) as e:
+        train_run("--warmed_up_model", tmp_path / "garbage.pt", save_dir=tmp_path / "g")
+    assert "model.pt written by train.py" in str(e.value) and "move it away" not in str(e.value)
+
+
+def test_mismatched_warm_start_and_checkpoint_name_the_tensors_and_flags(train_run, tmp_path):
+    train_run(save_dir=tmp_path / "plain")
+    with pytest.raises(train.TrainingError) as e:
+        train_run("--model_config", "llama_20m", "--warmed_up_model", tmp_path / "plain" / "model.pt", save_dir=tmp_path / "w")
+    assert "does not fit --model_config llama_20m" in str(e.value)
+    assert "embed_tokens.weight (257, 128) in the file vs (257, 256) here" in str(e.value)
+    train_run("--method", "relora", "--lora_r", "8", "--relora", "2", "--scheduler", "cosine", save_dir=tmp_path / "r")
+    with pytest.raises(train.TrainingError) as e:
+        train_run("--method", "relora", "--lora_r", "4", "--relora", "2", "--scheduler", "cosine", "--autoresume", save_dir=tmp_path / "r")
+    assert "lora_A" in str(e.value) and "--lora_r 8 (now 4)" in str(e.value)
+
+
+# ----------------------------------------------------------------------------- tools
+
+
+def test_wandb_offline_logs_the_records_of_metrics_jsonl(train_run, tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logged = []
+    original = wandb.sdk.wandb_run.Run.log
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log",
+                        lambda self, data, step=None, **kw: (logged.append((step, dict(data))), original(self, data, step=step, **kw)))
+    out = train_run("--wandb", "--wandb_run_name", "t", save_dir=tmp_path / "wb")
+    assert [(r["step"], {k: v for k, v in r.items() if k != "step"}) for r in out["metrics"]] == logged
+    assert list((tmp_path / "wb" / "wandb").glob("offline-run-*"))  # an offline run, no network
+
+
+def test_log_lines_go_through_the_progress_bar(data_dir, tmp_path):
+    """On a terminal, validation lines never land on the bar's line, and the finished bar shows once."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--num_training_steps", "6",
+                             "--eval_every", "3", "--data_dir", data_dir, "--save_dir", str(tmp_path / "p")],
+                            stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, close_fds=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    assert proc.wait(timeout=60) == 0
+    text = b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")  # the terminal's own line ends
+    lines = [seg for line in text.split("\n") for seg in [line.split("\r")[-1]]]  # what stays visible on each line
+    assert any("val_loss" in line for line in lines)
+    assert not any("val_loss" in line and "%|" in line for line in text.replace("\r", "\n").split("\n"))
+    assert sum("100%|" in line for line in lines) == 1
