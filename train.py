@@ -59,8 +59,6 @@ import os
 import re
 import resource
 import signal
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -74,6 +72,7 @@ sys.path.insert(0, HERE)
 
 import data as data_lib  # noqa: E402
 from model import GPT, count_params_formula, get_config, save_plain  # noqa: E402
+from runfiles import TrainingError, atomic_save, folder_lock, git_commit, load_checkpoint, mismatch, plot_losses, start_wandb  # noqa: E402,F401
 
 
 def opt(default, help, **kw):
@@ -138,12 +137,8 @@ class TrainConfig:
     data_step_offset: int = field(default=0, metadata={"cli": False})
 
 
-class TrainingError(Exception):
-    """An error the user can fix: printed as one line, exit code 2."""
-
-
 USER_ERRORS = (TrainingError, ValueError, FileNotFoundError)
-CORE_FILES = {"model", "data", "train", "bench", "memory", "sample", "export", "setup", "conftest"}
+CORE_FILES = {"model", "data", "train", "runfiles", "bench", "memory", "sample", "export", "setup", "conftest"}
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, as a shell reports it
 
 # ----------------------------------------------------------------------------- command line
@@ -249,31 +244,6 @@ def evaluate(model, windows, batch_size, device, autocast, rank=0, world=1):
     return (total[0] / total[1]).item()
 
 
-def atomic_save(obj, path):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, what="checkpoint", advice="; move it away to start fresh"):
-    """A checkpoint memory-mapped on the CPU: tensors are read as they are copied into the model."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise TrainingError(f"{what} {path} is corrupt or unreadable ({type(e).__name__}){advice}") from None
-
-
-def mismatch(expected, found, source):
-    """One line naming the tensors that differ between a state dict and the model ({name: shape} each)."""
-    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-    shapes = [f"{k} {tuple(found[k])} in {source} vs {tuple(expected[k])} here"
-              for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
-    parts = ([f"missing {', '.join(missing[:3])}" + (f" (+{len(missing) - 3})" if len(missing) > 3 else "")] if missing else []) + \
-            ([f"unexpected {', '.join(extra[:3])}" + (f" (+{len(extra) - 3})" if len(extra) > 3 else "")] if extra else []) + shapes[:2]
-    return "; ".join(parts)
-
-
 def assert_ranks_agree(model, step):
     """Every rank holds bit-identical parameters and buffers (a float64 fingerprint per tensor, integer codes too)."""
     fp = torch.stack([t.detach().double().pow(2).sum() + t.detach().double().sum()
@@ -292,68 +262,6 @@ def peak_memory(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB -> bytes
-
-
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
-
-
-def plot_losses(records, path, title):
-    from matplotlib.figure import Figure  # no pyplot: never switches the backend of a notebook that calls main()
-    fig = Figure(figsize=(6, 3.5))
-    ax = fig.subplots()
-    for key, style, label in (("loss", "-", "train"), ("val_loss", "o-", "val")):
-        pts = [(r["tokens"], r[key]) for r in records if key in r]
-        if pts:
-            ax.plot(*zip(*pts), style, label=label, ms=3, lw=1)
-    ax.set(xlabel="tokens", ylabel="loss", title=title)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-
-
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return pid > 0  # exists, owned by someone else
-    return pid > 0
-
-
-@contextlib.contextmanager
-def folder_lock(folder):
-    """Hold `folder/lock` (our pid) for the run, so two runs never write one --save_dir; a stale lock
-    left by a process that no longer exists is taken over."""
-    path, me = os.path.join(folder, "lock"), f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            try:
-                host, pid = open(path).read().split()
-            except (ValueError, OSError):
-                host, pid = socket.gethostname(), "-1"  # unreadable or half-written: treat as stale
-            if host != socket.gethostname() or process_alive(int(pid)):
-                raise TrainingError(f"--save_dir {folder} is in use by process {pid} on {host}; "
-                                    "wait for it or choose another --save_dir") from None
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)  # stale: its process is gone
-    else:
-        raise TrainingError(f"cannot take the lock {path}")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(me)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
 
 
 # ----------------------------------------------------------------------------- the stages
@@ -432,6 +340,19 @@ def check_geometry(tc):
             raise TrainingError(f"--per_layer_updates needs {why}")
 
 
+def prepare_data(run):
+    """Token shards (rank 0 prepares them, the others wait and read them) -> fixed validation windows."""
+    tc = run.tc
+    prep = lambda: data_lib.prepare(tc.dataset, tc.dataset_config, tc.tokenizer, tc.data_dir,  # noqa: E731
+                                    tc.dataset_tokens, tc.val_fraction, log=run.log)
+    folder = prep() if tc.rank == 0 else None
+    if tc.world_size > 1:
+        dist.barrier()
+        folder = folder or prep()
+    run.data = data_lib.TokenData(folder, tc.max_length, tc.seed)
+    return run.data.val_windows(tc.eval_tokens)
+
+
 def build(run, vocab_size):
     """The model and optimizer on the device; the full-precision model never exists there at once.
 
@@ -496,6 +417,17 @@ def install_per_layer_updates(run):
         p.requires_grad_(True)  # a hook can only be registered on a tensor that requires grad; it stays
         p.register_post_accumulate_grad_hook(on_gradient)  # when requires_grad goes off and on again
         p.requires_grad_(not frozen)
+
+
+def distribute(run):
+    """What batches go through: the model, compiled (--compile) and wrapped in DDP under torchrun."""
+    tc = run.tc
+    run.forward = torch.compile(run.model) if tc.compile else run.model
+    if tc.world_size > 1 and (run.method.use_ddp(run.mc, tc) if run.hook("use_ddp") else True):
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        import inspect  # buffers are identical on every rank by construction: no per-forward broadcast
+        no_sync_kw = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+        run.forward = DDP(run.forward, device_ids=[run.device.index] if run.device.type == "cuda" else None, **{no_sync_kw: False})
 
 
 def resume(run, ckpt_path):
@@ -638,7 +570,7 @@ def main(argv=None):
     tc, method, mc = parse_args(argv)
     run = setup(tc, method, mc)
     check_geometry(tc)
-    master, log = tc.rank == 0, run.log
+    master = tc.rank == 0
     if master:  # fail on an unwritable --save_dir before any work
         try:
             os.makedirs(tc.save_dir, exist_ok=True)
@@ -654,19 +586,9 @@ def fit(run, argv):
     """Stages 2-5 of main(), while this process holds the --save_dir lock."""
     tc, log, master = run.tc, run.log, run.tc.rank == 0
     ckpt_path = os.path.join(tc.save_dir, "ckpt.pt")
-    # --- data (rank 0 prepares the shards, the others wait and read them)
-    prep = lambda: data_lib.prepare(tc.dataset, tc.dataset_config, tc.tokenizer, tc.data_dir,  # noqa: E731
-                                    tc.dataset_tokens, tc.val_fraction, log=log)
-    folder = prep() if master else None
-    if tc.world_size > 1:
-        dist.barrier()
-        folder = folder or prep()
-    run.data = data_lib.TokenData(folder, tc.max_length, tc.seed)
-    val_windows = run.data.val_windows(tc.eval_tokens)
-
-    # --- build and resume
+    val_windows = prepare_data(run)
     build(run, run.data.vocab_size)
-    model, optimizer = run.model, run.optimizer
+    model = run.model
     n_total, n_train = count_params_formula(model.config), sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"model {tc.model_config}: {n_total / 1e6:.2f}M params, {n_train / 1e6:.3f}M trainable "
         f"({100 * n_train / n_total:.1f}%) | method {tc.method} | {tc.world_size} rank(s) on {run.device.type} "
@@ -688,13 +610,7 @@ def fit(run, argv):
         with open(os.path.join(tc.save_dir, "metrics.jsonl"), "w") as fh:  # the log up to the checkpoint, no later
             fh.writelines(json.dumps(r) + "\n" for r in run.records)
 
-    # --- compile, DDP, signals, progress bar
-    run.forward = torch.compile(model) if tc.compile else model
-    if tc.world_size > 1 and (run.method.use_ddp(run.mc, tc) if run.hook("use_ddp") else True):
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        import inspect  # buffers are identical on every rank by construction: no per-forward broadcast
-        no_sync_kw = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
-        run.forward = DDP(run.forward, device_ids=[run.device.index] if run.device.type == "cuda" else None, **{no_sync_kw: False})
+    distribute(run)
     stop = {"signal": None}
     old_handlers = {}
     if threading_main():
@@ -704,7 +620,7 @@ def fit(run, argv):
     bar = tqdm(total=tc.num_training_steps, initial=start_step, ncols=80, disable=not (master and sys.stderr.isatty()))
     say = bar.write if not bar.disable else log  # every line goes through the bar, never across it
 
-    tracker = start_wandb(run, argv) if tc.wandb and master else None
+    tracker = start_wandb(tc, run.mc, argv) if tc.wandb and master else None
 
     def record(rec):
         run.records.append(rec)
@@ -775,18 +691,6 @@ def fit(run, argv):
     if stop["signal"] is not None:
         summary["signal"] = int(stop["signal"])
     return {"summary": summary, "metrics": run.records}
-
-
-def start_wandb(run, argv):
-    """--wandb: a W&B run fed the same records as metrics.jsonl (imported only here)."""
-    try:
-        import wandb
-    except ImportError:
-        raise TrainingError("--wandb needs the wandb package: pip install wandb") from None
-    tc = run.tc
-    return wandb.init(project=tc.wandb_project, name=tc.wandb_run_name or os.path.basename(os.path.abspath(tc.save_dir)),
-                      dir=tc.save_dir, config={"train": dataclasses.asdict(tc), "method": dataclasses.asdict(run.mc),
-                                               "argv": sys.argv if argv is None else list(argv)})
 
 
 def threading_main():

@@ -1,0 +1,123 @@
+"""
+What a training run reads and writes besides the model: train.py's bookkeeping, kept apart so
+that train.py reads as the training loop.
+
+- folder_lock: one run per --save_dir (a second one is refused, a dead one's lock taken over)
+- atomic_save / load_checkpoint: checkpoints written by rename, read memory-mapped with
+  weights_only=True (a checkpoint never runs code), with one-line errors
+- mismatch: which tensors and shapes differ between a checkpoint and the model
+- git_commit, plot_losses, start_wandb: the run's provenance, loss.png and optional W&B
+"""
+
+import contextlib
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class TrainingError(Exception):
+    """An error the user can fix: printed as one line, exit code 2."""
+
+
+def atomic_save(obj, path):
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, what="checkpoint", advice="; move it away to start fresh"):
+    """A checkpoint memory-mapped on the CPU: tensors are read as they are copied into the model."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise TrainingError(f"{what} {path} is corrupt or unreadable ({type(e).__name__}){advice}") from None
+
+
+def mismatch(expected, found, source):
+    """One line naming the tensors that differ between a state dict and the model ({name: shape} each)."""
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    shapes = [f"{k} {tuple(found[k])} in {source} vs {tuple(expected[k])} here"
+              for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    parts = ([f"missing {', '.join(missing[:3])}" + (f" (+{len(missing) - 3})" if len(missing) > 3 else "")] if missing else []) + \
+            ([f"unexpected {', '.join(extra[:3])}" + (f" (+{len(extra) - 3})" if len(extra) > 3 else "")] if extra else []) + shapes[:2]
+    return "; ".join(parts)
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def plot_losses(records, path, title):
+    from matplotlib.figure import Figure  # no pyplot: never switches the backend of a notebook that calls main()
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
+    for key, style, label in (("loss", "-", "train"), ("val_loss", "o-", "val")):
+        pts = [(r["tokens"], r[key]) for r in records if key in r]
+        if pts:
+            ax.plot(*zip(*pts), style, label=label, ms=3, lw=1)
+    ax.set(xlabel="tokens", ylabel="loss", title=title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0  # exists, owned by someone else
+    return pid > 0
+
+
+@contextlib.contextmanager
+def folder_lock(folder):
+    """Hold `folder/lock` (our pid) for the run, so two runs never write one --save_dir; a stale lock
+    left by a process that no longer exists is taken over."""
+    path, me = os.path.join(folder, "lock"), f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                host, pid = open(path).read().split()
+            except (ValueError, OSError):
+                host, pid = socket.gethostname(), "-1"  # unreadable or half-written: treat as stale
+            if host != socket.gethostname() or process_alive(int(pid)):
+                raise TrainingError(f"--save_dir {folder} is in use by process {pid} on {host}; "
+                                    "wait for it or choose another --save_dir") from None
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)  # stale: its process is gone
+    else:
+        raise TrainingError(f"cannot take the lock {path}")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(me)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def start_wandb(tc, mc, argv):
+    """--wandb: a W&B run that train.py feeds the same records as metrics.jsonl (imported only here)."""
+    try:
+        import wandb
+    except ImportError:
+        raise TrainingError("--wandb needs the wandb package: pip install wandb") from None
+    return wandb.init(project=tc.wandb_project, name=tc.wandb_run_name or os.path.basename(os.path.abspath(tc.save_dir)),
+                      dir=tc.save_dir, config={"train": dataclasses.asdict(tc), "method": dataclasses.asdict(mc),
+                                               "argv": sys.argv if argv is None else list(argv)})
