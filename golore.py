@@ -4,7 +4,9 @@ GoLore: GaLore's gradient subspaces from the SVD early in training, random subsp
     "Subspace Optimization for Large Language Models with Convergence Guarantees",
     Yutong He, Pengrui Li, Yipeng Hu, Chuyan Chen, Kun Yuan (2024; ICML 2025), arXiv:2410.11289.
     Built on GaLore: "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection",
-    Jiawei Zhao et al. (2024), arXiv:2403.03507. Official code: pkumelon/Golore (METHODS.md §4-§5).
+    Jiawei Zhao et al. (2024), arXiv:2403.03507. Official code: github.com/pkumelon/Golore
+    (peft_pretraining/GoLore.py, the README's "ReLoRA-like" path) and github.com/jiaweizzhao/GaLore
+    (galore_torch/).
 
 The idea. GaLore keeps Adam's state in an r-dimensional subspace of each weight's gradient: every T
 steps it takes the top-r singular vectors of the current gradient G as a projector P, runs Adam on
@@ -15,9 +17,9 @@ zero, and GaLore stalls (the paper's counterexample; `projected_adam_demo` below
 GoLore draws P uniformly from the Stiefel manifold instead, which keeps E[PᵀP] = (r/n)·I and
 provably converges. The recipe: SVD for the first `rand_ratio` of training, random after that.
 
-The low-rank form used here (the official README's "ReLoRA-like" path). Each adapted linear y = W x
-keeps W (m×n) frozen, a frozen projector P on its smaller side and a trainable factor R on its
-larger side, initialised to zero:
+The low-rank form used here (GoLore's "ReLoRA-like" path). Each adapted linear y = W x keeps W (m×n)
+frozen, a frozen projector P on its smaller side and a trainable factor R on its larger side,
+initialised to zero:
 
     m >= n ("right"):  P (r×n, orthonormal rows),    R (m×r),  W_eff = W - s·R·P
     m <  n ("left"):   P (m×r, orthonormal columns), R (r×n),  W_eff = W - s·P·R
@@ -26,15 +28,35 @@ larger side, initialised to zero:
 
 Adam's step does not change when its gradients are scaled by a constant c > 0 and flips with -1
 (eps aside: it becomes eps/s), so one Adam step on R moves W_eff by -lr·s·Adam(G·Pᵀ)·P: exactly a
-GaLore step with scale s (tests/test_golore.py checks this against an independent GaLore step).
+GaLore step with scale s (tests/test_golore.py checks this against an independent GaLore AdamW).
 The minus sign is the original's; it cancels through the chain rule. Every T steps (the projection
 step):
 
     W <- W - s·R·P                           merge: W_eff is unchanged
     P <- top-r singular vectors of G         (SVD, step/num_steps < rand_ratio)
       or Haar-random orthonormal matrix      (QR of a Gaussian, afterwards)
-    m <- (m·P_old)·P_newᵀ   (left: P_newᵀ·(P_old·m))   Adam's first moment, lifted and re-projected
+    m <- m·(P_old·P_newᵀ)  (left: (P_newᵀ·P_old)·m)   GoLore only: Adam's first moment, re-projected
     R <- 0,  R.grad <- -s·G·P_newᵀ           the full gradient is not wasted: this step also updates
+
+GaLore or GoLore: the moment rule. galore_torch never touches Adam's moments when its projector
+changes (m and v stay in the old coordinates, the step count runs on); GoLore's ReLoRA-like code
+re-projects the first moment at every change, SVD or random. The rule follows the run, not the
+projector: `--rand_ratio >= 1` (never random) is GaLore and leaves both moments alone; a GoLore run
+(`--rand_ratio < 1`) re-projects the first moment at every projection, in its SVD phase too. The
+second moment and the step count are always kept.
+
+Modes.
+- `--per_layer_updates` (the originals' per-layer optimizers): train.py steps each parameter inside
+  its gradient hook. A layer's projection (merge, new P, moment, injected gradient, R's step) then
+  runs in the hook of W or R, whichever completes last (`param_step`), and W.grad is freed at once,
+  so one layer's full gradient exists at a time instead of all of them.
+- `--storage_dtype bfloat16`: W, P and the embeddings, norms and lm_head are stored in bf16 (as in
+  the originals' pure-bf16 runs). R stays float32 (float64 if W is): it starts at zero after each
+  projection and sums up to T Adam steps, each a shrinking fraction of it, which bf16's 8-bit
+  mantissa would round away; its AdamW state follows its dtype. It costs 16 instead of 8 bytes per
+  trainable factor entry (R, R.grad, m, v), r·max(m, n) entries per layer, which the measurements
+  below include. Merges run in float32 and are written back in bf16, so each W is rounded once per
+  projection (GaLore in bf16 rounds W at every step).
 
 Implementation details
 1. Which layers: every q/k/v/o and gate/up/down projection (`model.adapted_linear_names`); the
@@ -44,35 +66,46 @@ Implementation details
 3. The full gradient. Projection steps are the updates with step % update_proj_gap == 0, counting
    from 0 (the original's `update_step % update_proj_gap == 0`), so update 0 chooses the first P.
    `step_start` switches requires_grad on for every W of those steps, so autograd accumulates
-   G = dL/dW_eff over the micro-batches of that update with no extra batch; `before_step` takes it
-   and switches W off again. R stays in the graph on every step, so DDP (whose parameter set is
-   fixed when it is built) sees a gradient for all its parameters.
+   G = dL/dW_eff over the micro-batches of that update with no extra batch; the event takes it and
+   switches W off again. R stays in the graph on every step, so DDP (whose parameter set is fixed
+   when it is built) sees a gradient for all its parameters; on a projection step that autograd
+   gradient is replaced by the injected one.
 4. DDP: DDP reduces only its own parameters, so `before_step` all-reduces each G itself (sum, then
-   divide by the world size) before the SVD: every rank computes the same P. The random P comes
-   from a torch.Generator seeded with (seed, step), drawn on the CPU, the same on every rank.
+   divide by the world size) before the SVD: every rank computes the same P. A random P comes from
+   a torch.Generator seeded with (seed, step, layer index), drawn on the CPU: the same on every rank
+   and in both update modes, whatever order the layers are projected in.
 5. SVD in float32 (float64 stays float64), `full_matrices=False`; if it fails (GaLore#58) it is
    retried in float64 on the CPU. Random P: Q of the QR of an (n×r or m×r) Gaussian, with Q's
-   columns multiplied by the signs of the QR's diagonal; this makes Q Haar-distributed (§5.3).
-6. Adam: train.py's AdamW over R and the full-rank parameters. Only the first moment is
-   re-projected (SGD's momentum_buffer likewise); the second moment and the step count are kept.
-7. export() returns W_eff = W - s·R·P (or W - s·P·R) under the plain GPT names: model.pt is an
-   ordinary model.py checkpoint.
+   columns multiplied by the signs of the QR's diagonal; this makes Q Haar-distributed.
+6. Adam: train.py's AdamW over R and the full-rank parameters (SGD's momentum_buffer would be
+   re-projected like exp_avg).
+7. Weight decay decays all of W_eff, as galore_torch decays the full weight inside its optimizer:
+   train.py's AdamW decays R (a 2-D trainable tensor) by (1 - lr·wd) and `after_step` multiplies W
+   by the same factor. (GoLore's ReLoRA-like code decays only its trainable factor, i.e. only the
+   part of W_eff learnt since the last projection: not a decay of the weights.) In bf16 storage
+   1 - lr·wd rounds to 1 on most entries, as it does in galore_torch's pure-bf16 runs.
+8. export() returns W_eff = W - s·R·P (or W - s·P·R) under the plain GPT names, on the CPU, each
+   computed on the device in float32 and moved at once: model.pt is an ordinary model.py checkpoint.
 
 Deviations from the official code, and why
 - The random P comes from QR with the sign fix, not from the polar factor Z(ZᵀZ)^(-1/2) computed
-  through an n×n SVD of a rank-r Gram matrix (wasteful and fragile, METHODS.md §5.3), and from a
-  seeded generator instead of the global RNG (so ranks agree without relying on lockstep RNG).
+  through an n×n SVD of a rank-r Gram matrix (wasteful, and it relies on a pseudo-inverse of a
+  singular matrix), and from a seeded generator instead of the global RNG (so ranks agree without
+  relying on lockstep RNG).
 - The original clips first and then merges, so its clip norm on a projection step counts the full
   G; here train.py clips after `before_step`, so that norm counts the projected gradient s·G·Pᵀ.
   Between projection steps the two are identical.
-- W never enters the optimizer (the original lists it, with grad None) and the merge runs in at
-  least float32 (the original merges into bf16 weights). AdamW is torch's (eps inside the bias
-  correction), not the HF-style one; pass --adamw_eps 1e-6 for the original's epsilon.
+- The original turns R's gradient off on projection steps; here R stays in the graph (detail 3).
+- W never enters the optimizer (the original lists it, with grad None); merges run in at least
+  float32 (the original merges into bf16 weights); R is float32 under bf16 storage. AdamW is
+  torch's (eps inside the bias correction, decay before the update), not the HF-style one; pass
+  --adamw_eps 1e-6 for the original's epsilon.
 - float16 with a GradScaler is refused: G is not part of the optimizer, so the scaler would not
   unscale it. Use bfloat16 or float32.
 
 Some warnings
-- A projection step is a memory spike: one full m×n gradient per adapted layer, plus the SVDs.
+- A projection step is a memory spike: without --per_layer_updates one full m×n gradient per
+  adapted layer exists at once after the backward; then, layer by layer, the float32 merge and SVD.
 - The first update (step 0) uses a projector chosen from one minibatch at random initialisation.
 - rand_ratio counts against --num_training_steps: change the length and the switch point moves.
 - On GPUs the SVD and the all-reduce are assumed deterministic, so that ranks agree bit for bit;
@@ -81,9 +114,14 @@ Some warnings
 Logged on projection steps: method/proj_random (0: SVD, 1: random) and method/proj_kept, the mean
 share of ‖G‖² that the new subspaces keep (top-r energy for the SVD, about r/n for random P).
 
+Memory (memory.py: peak of the most expensive update, a projection with the SVD; batch 1 x 256
+tokens, vocabulary 32000, bf16 compute, 32-bit AdamW; GiB):
+    (to be measured)
+
 Usage
     python train.py --method golore                       # tiny defaults: r 32, T 50, rand_ratio 0.8
-    python train.py --method golore --rand_ratio 2        # GaLore (never random)
+    python train.py --method golore --rand_ratio 2        # GaLore (never random, moments untouched)
+    python train.py --method golore --storage_dtype bfloat16 --per_layer_updates --grad_clipping 0
     torchrun --nproc-per-node 2 train.py --method golore --model_config llama_60m --rank 128 \
         --update_proj_gap 200 --lr 1e-3 --adamw_eps 1e-6  # the README's 60M recipe, shorter
 
@@ -94,6 +132,7 @@ rand_ratio as in the README; lr is train.py's 3e-3.
 """
 
 import math
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -115,12 +154,16 @@ class Config:
                                                              "this; >= 1 is GaLore"})
 
 
+# memory.py: a projection (the SVD, the costly kind with the default rand_ratio) at every update
+EVENT_EVERY_UPDATE = {"update_proj_gap": 1}
+
+
 def at_least_fp32(t):
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def svd_projector(G, r, right):
-    """GaLore's P: top-r right singular vectors (r×n) if right, else left ones (m×r)."""
+    """GaLore's P: top-r right singular vectors (r×n) if right, else left ones (m×r); views into the SVD."""
     try:
         U, S, Vh = torch.linalg.svd(at_least_fp32(G), full_matrices=False)
     except torch.linalg.LinAlgError:  # "failed to converge" (GaLore#58): retry with LAPACK in float64
@@ -144,67 +187,67 @@ class GoLoreLinear(nn.Module):
         super().__init__()
         m, n = base.weight.shape
         self.r, self.scale, self.right = r, scale, m >= n
-        self.weight = base.weight  # W (m, n): frozen; changed only by merges
+        self.weight = base.weight  # W (m, n): frozen, in the storage dtype; changed only by merges
         self.weight.requires_grad_(False)
         self.bias = base.bias
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        # P: (r, n) if right else (m, r); zero until the projection at step 0
-        self.register_buffer("proj", torch.zeros((r, n) if self.right else (m, r), **kw))
-        # R: (m, r) if right else (r, n); zero, so W_eff = W at wrap
-        self.factor = nn.Parameter(torch.zeros((m, r) if self.right else (r, n), **kw))
+        device, dtype = base.weight.device, base.weight.dtype
+        # P: (r, n) if right else (m, r), in W's dtype; zero until the projection at step 0
+        self.register_buffer("proj", torch.zeros((r, n) if self.right else (m, r), device=device, dtype=dtype))
+        # R: (m, r) if right else (r, n), at least float32 (it sums up to T small steps); zero, so W_eff = W
+        self.factor = nn.Parameter(torch.zeros((m, r) if self.right else (r, n), device=device,
+                                               dtype=torch.promote_types(dtype, torch.float32)))
+        self.full_grad, self.factor_done, self.kept = None, False, None  # one projection step's bookkeeping
 
     def extra_repr(self):
         m, n = self.weight.shape
         return f"out={m}, in={n}, r={self.r}, side={'right' if self.right else 'left'}, scale={self.scale}"
 
-    def delta(self):
-        """R·P (right) or P·R (left): (m, n); W_eff = W - s·delta()."""
-        return self.factor @ self.proj if self.right else self.proj @ self.factor
-
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)  # x Wᵀ; W gets a gradient only on projection steps
         if self.right:  # x Pᵀ Rᵀ: (.., n) -> (.., r) -> (.., m)
-            low = F.linear(F.linear(x, self.proj), self.factor)
-        else:  # x Rᵀ Pᵀ
-            low = F.linear(F.linear(x, self.factor), self.proj)
+            h = F.linear(x, self.proj)
+            low = F.linear(h, self.factor.to(h.dtype))
+        else:  # x Rᵀ Pᵀ: (.., n) -> (.., r) -> (.., m)
+            low = F.linear(F.linear(x, self.factor.to(x.dtype)), self.proj)
         return y - self.scale * low
 
     def factor_grad(self, G):
-        """dL/dR for the full gradient G = dL/dW_eff: -s·G·Pᵀ (m, r) or -s·Pᵀ·G (r, n)."""
-        P = at_least_fp32(self.proj)
-        return -self.scale * (G @ P.T if self.right else P.T @ G)
+        """dL/dR for the full gradient G = dL/dW_eff: -s·G·Pᵀ (m, r) or -s·Pᵀ·G (r, n), in R's dtype."""
+        G, P = at_least_fp32(G), at_least_fp32(self.proj)
+        return (-self.scale * (G @ P.T if self.right else P.T @ G)).to(self.factor.dtype)
 
     @torch.no_grad()
     def merged_weight(self):
-        """W - s·delta() in at least float32, cast back to W's dtype."""
-        return (at_least_fp32(self.weight) - self.scale * at_least_fp32(self.delta())).to(self.weight.dtype)
+        """W_eff = W - s·R·P (or W - s·P·R): a new (m, n) tensor in at least float32; W is untouched."""
+        R, P = at_least_fp32(self.factor), at_least_fp32(self.proj)
+        W = self.weight.to(R.dtype, copy=True)
+        return W.addmm_(*((R, P) if self.right else (P, R)), alpha=-self.scale)
 
     @torch.no_grad()
-    def merge_and_reinit(self, G, optimizer=None, generator=None):
+    def merge_and_reinit(self, G, optimizer=None, generator=None, reproject=True):
         """The projection event, given the (all-reduced) full gradient G (m, n).
 
         generator None: P from the SVD of G (GaLore); else a random P drawn from it (GoLore).
-        Returns ‖G·P_newᵀ‖² / ‖G‖², the share of the gradient's energy the new subspace keeps."""
-        G = at_least_fp32(G)
-        # W <- W - s·R·P: the function is unchanged once R is zeroed below
+        reproject: carry Adam's first moment into the new subspace (GoLore) or leave it (GaLore).
+        Returns ‖G·P_newᵀ‖² / ‖G‖² (a 0-dim tensor), the share of G's energy the new subspace keeps."""
+        # W <- W - s·R·P, computed in at least float32: the function is unchanged once R is zeroed below
         self.weight.copy_(self.merged_weight())
-        P_old = at_least_fp32(self.proj).clone()
         m, n = self.weight.shape
+        G, P_old = at_least_fp32(G), at_least_fp32(self.proj)  # (m, n), and (r, n) or (m, r)
         P_new = (svd_projector(G, self.r, self.right) if generator is None
-                 else random_projector(m, n, self.r, self.right, generator, G.device)).to(P_old)
-        self.proj.copy_(P_new)
-        # first moment: lift to m×n with P_old, project with P_new; exp_avg_sq and step are kept
-        state = optimizer.state.get(self.factor, {}) if optimizer is not None else {}
-        for key in ("exp_avg", "momentum_buffer"):
+                 else random_projector(m, n, self.r, self.right, generator, G.device))
+        # a new tensor, not copy_: under --per_layer_updates the backward may still need the old P; and
+        # a copy holds no view of the SVD's U or Vh
+        self.proj = torch.empty_like(self.proj).copy_(P_new)
+        P = at_least_fp32(self.proj)  # the P the forward will use (rounded to the storage dtype)
+        state = optimizer.state.get(self.factor, {}) if optimizer is not None and reproject else {}
+        for key in ("exp_avg", "momentum_buffer"):  # exp_avg_sq and the step count are kept
             if torch.is_tensor(state.get(key)):
-                M = at_least_fp32(state[key])
-                state[key].copy_((M @ P_old) @ P_new.T if self.right else P_new.T @ (P_old @ M))
+                M = state[key]  # (m, r) or (r, n): lifted with P_old, projected with P, through an r×r product
+                M.copy_(M @ (P_old @ P.T).to(M) if self.right else (P.T @ P_old).to(M) @ M)
         self.factor.zero_()
-        # R.grad <- -s·G·P_newᵀ: the optimizer still steps on this update
-        if self.factor.grad is None:
-            self.factor.grad = torch.empty_like(self.factor)
-        self.factor.grad.copy_(self.factor_grad(G))
-        return (self.factor.grad.pow(2).sum() / (self.scale ** 2 * G.pow(2).sum() + 1e-30)).item()
+        self.factor.grad = self.factor_grad(G)  # R.grad <- -s·G·Pᵀ: the optimizer still steps on this update
+        return self.factor.grad.pow(2).sum() / (self.scale ** 2 * G.pow(2).sum()).clamp_min(1e-30)
 
 
 # ----------------------------------------------------------------------------- model surgery
@@ -242,50 +285,98 @@ def use_random(step, cfg, train):
     return step / train.num_training_steps >= cfg.rand_ratio
 
 
-def projection_generator(seed, step):
-    """The random projectors' RNG: a function of (seed, step) only, so every rank draws the same P.
+def projection_generator(seed, step, layer=0):
+    """The random projectors' RNG: a function of (seed, step, layer index) only, so every rank and both
+    update modes (all layers after the backward, or each in its own gradient hook) draw the same P."""
+    return torch.Generator().manual_seed(zlib.crc32(f"golore projector {seed} {step} {layer}".encode()))
 
-    (The offset keeps this stream apart from data.py's batch generator, seeded 1_000_003·seed + step.)"""
-    return torch.Generator().manual_seed(1_000_003 * seed + step + 0x601D)
+
+def project(index, layer, G, step, opt, cfg, train):
+    """Layer `index`'s projection event with its full gradient G; W stops taking gradients."""
+    gen = projection_generator(train.seed, step, index) if use_random(step, cfg, train) else None
+    # GoLore (rand_ratio < 1) re-projects the first moment at every change, GaLore leaves it alone
+    layer.kept = layer.merge_and_reinit(G, opt, gen, reproject=cfg.rand_ratio < 1)
+    layer.weight.requires_grad_(False)
 
 
 def step_start(step, model, cfg, train):
-    """On projection steps, let autograd accumulate G = dL/dW into every W.grad."""
+    """On projection steps, let autograd produce G = dL/dW into every W.grad."""
     if is_projection_step(step, cfg):
         for layer in golore_layers(model):
             layer.weight.requires_grad_(True)
+            layer.full_grad, layer.factor_done = None, False
 
 
 def before_step(step, model, opt, cfg, train):
-    """On projection steps: all-reduce G, merge, choose the new P, re-project m, inject R's gradient."""
+    """On projection steps, after the backward: every layer's event, in order (its G all-reduced first)."""
+    if is_projection_step(step, cfg):
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        for i, layer in enumerate(golore_layers(model)):
+            G = layer.weight.grad
+            if G is None:
+                raise RuntimeError("golore: no full gradient on a projection step; call step_start before the forward")
+            if world > 1:  # DDP averages only its own parameters; G is ours (gloo has no AVG: sum, divide)
+                dist.all_reduce(G)
+                G /= world
+            project(i, layer, G, step, opt, cfg, train)
+            layer.weight.grad = None  # frees this G before the next layer's SVD
+
+
+def param_step(step, p, model, opt, cfg, train):
+    """--per_layer_updates: a layer's event runs in the gradient hook of W or R, whichever comes last.
+
+    On a projection step both W (G) and R (its autograd gradient, which the injected one replaces)
+    get a gradient. The event changes R and W in place, which is safe only once the backward is done
+    with both (autograd saved R for the input's gradient), so the first of the two hooks waits: R's
+    gradient is dropped at once, W's G is held (one layer's G at most). train.py then steps what has
+    a gradient: nothing, or R with its injected gradient, exactly once."""
+    if not is_projection_step(step, cfg):
+        return
+    for i, layer in enumerate(golore_layers(model)):
+        if p is layer.factor:
+            p.grad = None  # never stepped with the autograd gradient of a projection step
+            layer.factor_done = True
+            if layer.full_grad is not None:  # W came first
+                project(i, layer, layer.full_grad, step, opt, cfg, train)
+                layer.full_grad = None
+            return
+        if p is layer.weight:
+            if layer.factor_done:
+                project(i, layer, p.grad, step, opt, cfg, train)
+            else:
+                layer.full_grad = p.grad  # train.py drops W.grad after this hook; this reference keeps G
+            return
+
+
+def after_step(step, model, opt, cfg, train):
+    """Weight decay on W (see the docstring), and on projection steps the logged metrics."""
+    group = {id(p): g for g in opt.param_groups for p in g["params"]}
+    layers = golore_layers(model)
+    for layer in layers:  # AdamW decayed R by (1 - lr·wd); the same factor on W decays all of W_eff
+        g = group.get(id(layer.factor))
+        if g and g["weight_decay"]:
+            layer.weight.mul_(1 - g["lr"] * g["weight_decay"])
     if not is_projection_step(step, cfg):
         return {}
-    rand = use_random(step, cfg, train)
-    gen = projection_generator(train.seed, step) if rand else None
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    kept = []
-    for layer in golore_layers(model):  # same order on every rank: the generator draws agree
-        G = layer.weight.grad
-        if G is None:
-            raise RuntimeError("golore: no full gradient on a projection step; call step_start before the forward")
-        if world > 1:  # DDP averages only its own parameters; G is ours (gloo has no AVG: sum, divide)
-            dist.all_reduce(G)
-            G /= world
-        kept.append(layer.merge_and_reinit(G, opt, gen))
-        layer.weight.grad = None
-        layer.weight.requires_grad_(False)
     # proj_kept: mean share of ‖G‖² inside the new subspaces (SVD: the top-r energy; random: about r/n)
-    return {"proj_random": float(rand), "proj_kept": sum(kept) / len(kept)}
+    return {"proj_random": float(use_random(step, cfg, train)),
+            "proj_kept": torch.stack([layer.kept for layer in layers]).mean()}
 
 
 @torch.no_grad()
 def export(model, cfg):
-    """A plain GPT state dict: W_eff under each linear's usual name; the training model is untouched."""
-    sd = dict(model.state_dict())
-    for name, layer in model.named_modules():
-        if isinstance(layer, GoLoreLinear):
-            del sd[name + ".proj"], sd[name + ".factor"]
-            sd[name + ".weight"] = layer.merged_weight()
+    """A plain GPT state dict on the CPU: W_eff under each linear's usual name, made on the device one
+    layer at a time and moved at once; the training model is untouched."""
+    sd = {}
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, GoLoreLinear)}
+    for key, value in model.state_dict().items():
+        name, _, leaf = key.rpartition(".")
+        if name not in layers:
+            sd[key] = value.cpu()
+        elif leaf == "weight":
+            sd[key] = layers[name].merged_weight().to(value.dtype).cpu()
+        elif leaf == "bias":
+            sd[key] = value.cpu()
     return sd
 
 
@@ -342,7 +433,8 @@ def projected_adam(problem, steps, rank, gap, lr, rand_ratio, scale=1.0, proj_ba
         X = layer.merged_weight()
         if t % gap == 0:
             G = sum(problem["grad"](X) + problem["noise"](noise_gen) for _ in range(proj_batch)) / proj_batch
-            layer.merge_and_reinit(G, opt, projection_generator(seed, t) if t / steps >= rand_ratio else None)
+            layer.merge_and_reinit(G, opt, projection_generator(seed, t) if t / steps >= rand_ratio else None,
+                                   reproject=rand_ratio < 1)
         else:  # a small-batch gradient, through the chain rule of W - s·R·P
             layer.factor.grad = layer.factor_grad(problem["grad"](X) + problem["noise"](noise_gen))
         opt.step()
