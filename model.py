@@ -146,26 +146,59 @@ def get_config(name_or_path, vocab_size):
     """A preset name or a JSON file in the original repos' (HF LlamaConfig) format.
 
     The vocabulary always comes from the tokenizer; a JSON's own `vocab_size` is ignored (the
-    originals' 32000/32100 belong to the T5 tokenizer, which this project does not use)."""
+    originals' 32000/32100 belong to the T5 tokenizer, which this project does not use). A JSON may
+    also set rms_norm_eps, rope_theta and tie_word_embeddings (the config.json export.py writes)."""
+    extra = {}
     if name_or_path in PRESETS:
         h, f, n_layer, n_head, seq = PRESETS[name_or_path]
     elif name_or_path.endswith(".json"):
-        if not os.path.isfile(name_or_path):
-            raise FileNotFoundError(f"model config file not found: {name_or_path}")
-        with open(name_or_path) as fh:
-            js = json.load(fh)
-        try:
-            h, f = js["hidden_size"], js["intermediate_size"]
-            n_layer, n_head = js["num_hidden_layers"], js["num_attention_heads"]
-        except KeyError as e:
-            raise ValueError(f"model config {name_or_path} lacks the key {e}") from None
-        seq = js.get("max_sequence_length", js.get("max_position_embeddings", 1024))
+        js, where = read_json_config(name_or_path), f"model config {name_or_path}"
+        get = lambda key, kind, default=None: checked(js, key, kind, where, default)  # noqa: E731
+        h, f = get("hidden_size", int), get("intermediate_size", int)
+        n_layer, n_head = get("num_hidden_layers", int), get("num_attention_heads", int)
+        seq = get("max_sequence_length", int, get("max_position_embeddings", int, 1024))
+        if get("num_key_value_heads", int, n_head) != n_head:
+            raise ValueError(f"{where}: num_key_value_heads must equal num_attention_heads (no grouped-query attention here)")
+        extra = dict(norm_eps=get("rms_norm_eps", float, 1e-6), rope_theta=get("rope_theta", float, 10000.0),
+                     tie_embeddings=get("tie_word_embeddings", bool, False))
     else:
         raise ValueError(f"unknown model config '{name_or_path}'; presets: {', '.join(PRESETS)}, or a .json file")
     if h % n_head or (h // n_head) % 2:
-        raise ValueError(f"hidden size {h} must split into {n_head} heads of even size")
+        where = "" if name_or_path in PRESETS else f" (model config {name_or_path})"
+        raise ValueError(f"hidden size {h} must split into {n_head} heads of even size{where}")
     return GPTConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=h,
-                     intermediate_size=f, max_seq_len=seq)
+                     intermediate_size=f, max_seq_len=seq, **extra)
+
+
+def read_json_config(path):
+    """The JSON object in `path`; every problem is one line naming the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            js = json.load(fh)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"model config {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"model config {path} cannot be read ({type(e).__name__})") from None
+    if not isinstance(js, dict):
+        raise ValueError(f"model config {path} must hold a JSON object, not {type(js).__name__}")
+    return js
+
+
+def checked(js, key, kind, where, default=None):
+    """js[key] as a positive int, a positive float or a bool (`kind`); one-line ValueError otherwise."""
+    if key not in js:
+        if default is None:
+            raise ValueError(f"{where} lacks the key '{key}'")
+        return default
+    v = js[key]
+    ok = isinstance(v, bool) if kind is bool else (
+        not isinstance(v, bool) and isinstance(v, (int, float) if kind is float else int) and v > 0)
+    if not ok:
+        what = {int: "a positive integer", float: "a positive number", bool: "true or false"}[kind]
+        raise ValueError(f"{where}: '{key}' must be {what}, got {json.dumps(v)}")
+    return kind(v)
 
 
 class GPT(nn.Module):

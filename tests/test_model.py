@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from model import GPT, PRESETS, adapted_linear_names, count_params_formula, get_config, load_plain, save_plain
+from model import GPT, PRESETS, GPTConfig, adapted_linear_names, count_params_formula, get_config, load_plain, save_plain
 
 
 @pytest.mark.parametrize("name", ["tiny", "llama_9m", "llama_20m", "llama_35m"])
@@ -88,3 +88,106 @@ def test_plain_save_and_load_roundtrip(tmp_path):
     again = load_plain(tmp_path / "model.pt").eval()
     x = torch.randint(0, 257, (1, 16))
     assert torch.equal(model(x)[0], again(x)[0])
+
+
+# ----------------------------------------------------------------------------- JSON config errors
+
+
+@pytest.mark.parametrize("content, problem", [
+    ({"hidden_size": "abc"}, "'hidden_size' must be a positive integer, got \"abc\""),
+    ({"num_hidden_layers": True}, "'num_hidden_layers' must be a positive integer, got true"),
+    ({"intermediate_size": 0}, "'intermediate_size' must be a positive integer, got 0"),
+    ({"rms_norm_eps": "1e-5"}, "'rms_norm_eps' must be a positive number"),
+    ({"tie_word_embeddings": "no"}, "'tie_word_embeddings' must be true or false"),
+    ({"num_key_value_heads": 2}, "num_key_value_heads must equal num_attention_heads"),
+    ("{hidden_size: 128,", "is not valid JSON: Expecting property name enclosed in double quotes at line 1 column 2"),
+    ("", "is not valid JSON: Expecting value at line 1 column 1"),
+    ("[1, 2]", "must hold a JSON object, not list"),
+], ids=["string", "bool", "zero", "eps", "tie", "gqa", "garbage", "empty", "list"])
+def test_json_config_errors_are_one_line_and_name_the_file(tmp_path, content, problem):
+    path = tmp_path / "cfg.json"
+    base = {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4, "num_attention_heads": 4}
+    path.write_text(content if isinstance(content, str) else json.dumps({**base, **content}))
+    with pytest.raises(ValueError) as err:
+        get_config(str(path), 257)
+    msg = str(err.value)
+    assert str(path) in msg and problem in msg and "\n" not in msg, msg
+
+
+def test_json_config_reads_eps_theta_and_tying(tmp_path):
+    path = tmp_path / "cfg.json"  # the fields export.py writes to config.json
+    path.write_text(json.dumps({"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 500000,
+                                "tie_word_embeddings": True, "num_key_value_heads": 4}))
+    cfg = get_config(str(path), 300)
+    assert (cfg.max_seq_len, cfg.norm_eps, cfg.rope_theta, cfg.tie_embeddings, cfg.vocab_size) == (512, 1e-5, 500000.0, True, 300)
+
+
+# ----------------------------------------------------------------------------- reference: HF LlamaForCausalLM
+
+
+def hf_llama_twin(model):
+    """transformers' LlamaForCausalLM (SDPA attention, as ours) holding the same weights as GPT `model`."""
+    transformers = pytest.importorskip("transformers", reason="the reference tests need transformers (a test-only dependency)")
+    c = model.config
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_head,
+        max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}, hidden_act="silu",
+        tie_word_embeddings=c.tie_embeddings, attention_bias=False, mlp_bias=False)
+    hf_cfg._attn_implementation = "sdpa"  # eager attention takes its softmax in float32
+    hf = transformers.LlamaForCausalLM(hf_cfg).to(next(model.parameters()).dtype).eval()
+    sd = {(k if k == "lm_head.weight" else "model." + k): v for k, v in model.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    return hf
+
+
+def random_gpt(dtype=torch.float64, **overrides):
+    """A tiny GPT whose every weight matters: random norm gains, weights large enough for the
+    nonlinearities, an eps comparable to mean(x^2) and a theta far from the default."""
+    cfg = GPTConfig(**{**dict(vocab_size=97, n_layer=2, n_head=4, n_embd=32, intermediate_size=48, max_seq_len=64,
+                              norm_eps=1e-2, rope_theta=50.0, init_std=0.1), **overrides})
+    model = GPT(cfg, seed=3).to(dtype).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_logits_equal_hf_llama_with_the_same_weights(tie):
+    """Catches RoPE removed, its sign flipped, theta changed, gate/up swapped, the norms' eps
+    changed or ignored, the norms swapped: each moves the logits by far more than 1e-9."""
+    model = random_gpt(tie_embeddings=tie)
+    hf = hf_llama_twin(model)
+    x = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, _ = model(x)
+        ref = hf(x).logits
+    assert ours.dtype == ref.dtype == torch.float64
+    assert ref.abs().max() > 0.1  # not a degenerate comparison
+    diff = (ours - ref).abs().max().item()
+    assert diff < 1e-9, f"GPT and HF LLaMA differ by {diff:.3g}"
+
+
+def test_top_k_1_sampling_is_greedy_decoding():
+    model = GPT(get_config("tiny", 257)).eval()
+    prompt = torch.randint(0, 257, (4, 8), generator=torch.Generator().manual_seed(0))
+    greedy = model.generate(prompt, 12, temperature=0)
+    for seed in range(3):  # at temperature 2 over ~257 near-equal logits, an unfiltered draw is almost never the argmax
+        sampled = model.generate(prompt, 12, temperature=2.0, top_k=1, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(sampled, greedy)
+
+
+def test_top_k_samples_lie_in_the_top_k():
+    model = GPT(get_config("tiny", 257)).eval()
+    prompt = torch.randint(0, 257, (256, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        top5 = model(prompt)[0][:, -1].topk(5).indices  # (256, 5)
+    nxt = model.generate(prompt, 1, temperature=2.0, top_k=5, generator=torch.Generator().manual_seed(0))[:, -1]
+    assert (nxt[:, None] == top5).any(1).all()
+    assert len(set(nxt.tolist())) > 5  # and it does sample: different rows, different top sets
