@@ -2,8 +2,8 @@
 LTE, LoRA-the-Explorer: pre-training from scratch with many LoRA heads trained in parallel.
 
 Paper: "Training Neural Networks from Scratch with Parallel Low-Rank Adapters",
-Minyoung Huh, Brian Cheung, Jeremy Bernstein, Pulkit Agrawal, Phillip Isola, 2024, arXiv 2402.16828.
-Official code: github.com/minyoungg/LTE (METHODS.md §6).
+Minyoung Huh, Brian Cheung, Jeremy Bernstein, Phillip Isola, Pulkit Agrawal, 2024, arXiv 2402.16828.
+Official code: github.com/minyoungg/LTE (lte/ddp/ddp_lte.py, lte/replica.py, lte/prepare.py).
 
 The idea
 --------
@@ -21,7 +21,14 @@ updates the heads' progress since the last merge is averaged into the main weigh
 and the heads carry on from where they are ("reset-less", what the official code does). Right
 after a merge every head computes exactly W again. Evaluation uses W alone. A merge moves W to
 the mean of the heads' effective weights, so it preserves that mean, not each head's function.
-Only the merges would need to communicate between real workers; `--mode local` makes that true.
+
+Modes (--mode; all of them also run on one device)
+    ddp      the official default: under torchrun, torch DDP averages every head's gradient every
+             update, so head h learns from chunk h of every rank (N virtual workers).
+    local    the ranks are real workers: no DDP, each rank trains its own heads on its own data
+             and the ranks communicate only at merges (an all-reduce of the mean update).
+    mhlora   the official sanity check: no chunks, no merges, y = W x + Σ_h s·B_h A_h x.
+--reset_lora re-draws the heads after every merge (the paper's main-text algorithm) instead.
 
 Implementation details
 ----------------------
@@ -29,28 +36,48 @@ Implementation details
    semi-orthogonal (orthonormal rows) times √(n/r); B_h = 0; so the model is unchanged at init.
 2. All N heads run in two batched products, (N, b·T, n) @ A^T @ B^T, with no loop over heads;
    the main-weight product W x is computed once for the whole batch. The reset-less correction
-   rides along: [A_h; A_h'] and [B_h, −B_h'] are one rank-2r factor pair.
+   rides along: [A_h; A_h'] and [B_h, −B_h'] are one rank-2r factor pair, so the difference is
+   accumulated inside one product (under bf16 autocast too) rather than between two rounded ones.
 3. The merge averages over heads with one (m × 2Nr)(2Nr × n) product in float32, never N full
-   m×n matrices. A merge also runs after the last update, so model.pt holds every head's work.
+   m×n matrices, adds W in float32 and writes the sum back once in W's dtype. A merge also runs
+   after the last update, so model.pt holds every head's work.
 4. Embeddings and RMSNorm gains (`--non_linear`): `replica` (default) keeps one copy per head,
-   copy h trained on chunk h and all copies averaged at each merge (the original's replica
-   layers); `shared` keeps one copy trained on the whole batch and merged the same way;
+   copy h trained on chunk h and all copies averaged (in float32) at each merge (the original's
+   replica layers); `shared` keeps one copy trained on the whole batch and merged the same way;
    `frozen` leaves them at init. Evaluation uses the merged copy, like W.
-5. `--mode mhlora`: no chunks and no merges; every head sees the whole batch and
-   y = W x + Σ_h s·B_h A_h x (a sum: N heads of rank r are one LoRA of rank N·r). Evaluation
-   and model.pt use W + Σ_h s·B_h A_h. This is the original's sanity check.
-6. `--reset_lora`: the paper's main-text variant. After each merge A_h ← a fresh semi-orthogonal
-   draw (torch.Generator seeded with (seed, step), same on every rank), B_h ← 0, the prev
-   factors stay 0, and the Adam moments of A and B are zeroed (the step count is kept).
-7. Under torchrun, `--mode ddp` (default) is the original: torch DDP averages every head's
-   gradient every update, so head h learns from chunk h of every rank. `--mode local` is the
-   multi-worker version: no DDP; each rank trains on its own data, and at a merge the ranks
-   all-reduce the mean head update (m×n per layer) and the replicas. Reset-less heads are also
-   averaged over ranks then (local SGD on the factors) so that all ranks agree after a merge;
-   with `--reset_lora` the fresh heads agree by construction and nothing else travels. Adam
-   moments stay local; get_state gathers every rank's own tensors so a resume is exact.
-8. `comm_bytes_per_step` counts the payload all-reduced per update (float32 tensor sizes,
+5. `--mode mhlora`: every head sees the whole batch, a sum (N heads of rank r are one LoRA of
+   rank N·r). Evaluation and model.pt use W + Σ_h s·B_h A_h.
+6. `--reset_lora`: after each merge A_h ← a fresh semi-orthogonal draw (torch.Generator seeded
+   with (seed, step), same on every rank), B_h ← 0, the prev factors stay 0, and the whole Adam
+   state of A and B is zeroed, step included, so the first update after a reset is a first Adam
+   step (size ≈ lr). Keeping the step would drop the bias correction: for a steady gradient the
+   j-th update after a reset would be lr·(1 − β1^j)/√(1 − β2^j), 3.2x lr at j = 1, 6.6x at j = 12.
+7. `--mode local`: at a merge the ranks all-reduce the mean head update (m×n per layer) and the
+   replicas. Reset-less heads are also averaged over ranks then (local SGD on the factors) so
+   that all ranks agree after a merge; with `--reset_lora` the fresh heads agree by construction
+   and nothing else travels. Adam moments stay local; get_state gathers every rank's own
+   tensors so a resume is exact.
+8. Clipping is per head. train.py clips the norm of all gradients together, through which a large
+   gradient on one chunk would shrink every other head's step: a coupling that separate workers
+   do not have. before_step therefore clips each head's gradient (its factors in every layer
+   and its replica copies; shared copies form one more group) to c/√G on its own, for G groups
+   and c = --grad_clipping. The norm over all of them is then at most c, so train.py's clip
+   changes nothing; when all heads' norms are equal this is the global clip. train.py's
+   grad_norm is therefore the norm after this clip; the largest head norm before it is logged
+   as method/head_grad_norm_max.
+9. Precision. W, the merged replica copies and the replica copies themselves (N embeddings: the
+   largest tensors) are stored in --storage_dtype, like every method's embeddings. The factors
+   A_h, B_h (hence their gradients and Adam moments) and the prev factors are float32 always:
+   a factor entry is about 1/√r and the paper's LR is 0.05-0.1x the usual one, so bf16 factors
+   (8 significant bits) would drop every Adam step; and the prev factors must be exact copies
+   of the factors, or after a merge every head would sit s·(B A − bf16(B) bf16(A)) away from W
+   with s = 128 in the paper. The official code also keeps float32 parameters under autocast
+   (lte/misc/common.py).
+10. `--per_layer_updates` works as is: each head tensor gets its gradient once per backward,
+   and the merge runs in after_step. That mode runs without clipping, so param_step does nothing.
+11. `comm_bytes_per_step` counts the payload all-reduced per update (float32 tensor sizes,
    averaged over a merge period) against full-rank DDP; merges log it as method/comm_MB.
+12. export() builds each layer's weight on the device and moves it to the CPU at once.
 
 Deviations from the official code
 ---------------------------------
@@ -59,7 +86,8 @@ Deviations from the official code
 - Evaluation uses the merged copy of replicas, not replica 0 (they agree right after a merge;
   between merges this keeps evaluation identical on every rank in local mode).
 - The final merge after the last update (detail 3); reset zeroes the prev factors and the LoRA
-  Adam moments (the original reset helper leaves prev stale); no LoRA bias (LLaMA has none).
+  Adam state (the original's reset helper leaves prev stale and has no optimizer); clipping per
+  head (detail 8; the original has no training loop); no LoRA bias (LLaMA has none).
 
 Some warnings
 -------------
@@ -67,26 +95,29 @@ Some warnings
   batch_size/num_heads sequences per update, so LTE needs more tokens than full-rank training.
 - s is large (α=4096, r=32 gives 128) and the paper pairs it with 0.05-0.1× the usual LR; the
   product s·lr is what matters. Similar train losses can hide very different val losses.
-- Weights stay float32 (train.py autocasts): the merges add small deltas to W.
-- Memory: N heads of factors and their Adam moments, plus prev factors, plus N replicas of the
-  embedding (N·V·C: large for a 50k vocabulary; use --non_linear shared or frozen there).
+- With --storage_dtype bfloat16 a merge's mean update below half a bf16 ulp of W (about 2^-9·|W|)
+  is lost: merge less often rather than more. The N replica copies then train in bf16 too.
 - `--mode ddp` communicates N·r·(m+n) gradient entries per layer per update: more than
   full-rank DDP whenever N·r > mn/(m+n). Only `--mode local` realises LTE's saving.
 - Local mode under torchrun: ranks differ between merges, so use --check_ranks_every merge_iter
-  (train.py also checks when a run stops: with the check on, stop only right after a merge).
+  (train.py skips its stop-time check on an interrupted run).
+
+Memory (python memory.py, peak of one update with a merge, sequence 256, vocabulary 32000):
+LTE adds memory by design. The heads' factors (N·r·(m+n) per linear, ≥ 2mn at the paper's
+N·r ≥ max(m, n)) with their float32 gradients and Adam moments, the prev factors, and the N
+embedding replicas (N·V·C) with theirs dominate; activations are a small part.
 
 Defaults: the paper's vs the ones here (for `tiny`: 4 layers, width 128, batch 16, lr 3e-3)
     paper/README: --num_heads 32 --lora_r 32 (main table 64) --lora_alpha 4096 --merge_iter 10, with
                   0.05-0.1x the usual LR; the library's LTEConfig: 1 head, r 8, alpha 16, merge every step
     here:         --num_heads 4 --lora_r 32 --lora_alpha 32 (s = 1) --merge_iter 10 at the usual LR
-    Default run (500 updates): val loss 1.423 vs full-rank 1.356 (bench.py --methods full,lte).
-    Sweep on tiny, 200 updates, val loss (full-rank 1.859); N 4, r 32, merge 10, replica unless said:
+    Sweep on tiny, 200 updates, val loss (full-rank 1.859); N 4, r 32, merge 10, replica unless said
+    (measured before per-name seeded init and per-head clipping; the trends are what they show):
       alpha 8 / 16 / 32 / 64 / 128 / 256:      2.333 / 2.058 / 2.087 / 2.292 / 2.489 / 2.650
       alpha 32, merge_iter 1 / 5 / 10:         1.853 / 1.983 / 2.087   (merge 1 recovers full-rank)
       alpha 32, --reset_lora, merge 1 / 10:    2.241 / 2.112
       alpha 16, non_linear replica/shared/frozen: 2.058 / 2.107 / 2.200   (so: replica)
       alpha 16, 8 heads: 2.320;  mhlora (4 heads, alpha 16): 1.883
-    torchrun, 2 ranks, defaults, 200 updates: full 1.543, ddp 1.715, local 1.928, local + reset 2.079
     Communication per update vs full-rank DDP (comm_bytes_per_step, merge 10): tiny N 4 r 32: ddp
     1.66x, local 0.25x, local + reset 0.10x; llama_60m N 32 r 64: ddp 6.5x, local 0.73x, local + reset 0.10x.
 
@@ -95,6 +126,7 @@ Usage
     python train.py --method lte --mode mhlora                       # the sanity check
     python train.py --method lte --merge_iter 1                      # then raise merge_iter
     torchrun --nproc-per-node 2 train.py --method lte --mode local --reset_lora --check_ranks_every 10
+    python memory.py --methods full,lte --model_config llama_1b --method_args "lte=--batch_size 4 --lora_r 64"
 """
 
 import math
@@ -127,8 +159,11 @@ class Config:
         "choices": ["replica", "shared", "frozen"]})
 
 
+EVENT_EVERY_UPDATE = {"merge_iter": 1}  # memory.py: every update ends with a merge
+
+
 def semi_orthogonal(num, rows, cols, generator):
-    """`num` matrices (rows×cols, rows <= cols) with orthonormal rows, times √(cols/rows) (§6.1)."""
+    """`num` matrices (rows×cols, rows <= cols) with orthonormal rows, times √(cols/rows), float64 on the CPU."""
     g = torch.randn(num, cols, rows, generator=generator, dtype=torch.float64)
     q, r = torch.linalg.qr(g)  # q: (num, cols, rows) with orthonormal columns
     q = q * torch.diagonal(r, dim1=-2, dim2=-1).sign().unsqueeze(-2)  # the Haar-distributed choice
@@ -141,15 +176,16 @@ class LTELinear(nn.Module):
     def __init__(self, linear, cfg, generator):
         super().__init__()
         m, n, N, r = linear.out_features, linear.in_features, cfg.num_heads, cfg.lora_r
-        W = linear.weight  # new tensors take its device and dtype
+        W = linear.weight  # (m, n) in the storage dtype, on the layer's device
+        dev, dt = W.device, torch.promote_types(W.dtype, torch.float32)  # factors: float32 even over bf16 W
         self.num_heads, self.mode, self.scaling = N, cfg.mode, cfg.lora_alpha / r  # s = α / r
-        self.weight = nn.Parameter(linear.weight.data, requires_grad=False)  # W (m, n): the merged weight
+        self.weight = nn.Parameter(W.data, requires_grad=False)  # W (m, n): the merged weight
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.data, requires_grad=False)
-        self.lora_A = nn.Parameter(semi_orthogonal(N, r, n, generator).to(W))  # A_h: (N, r, n)
-        self.lora_B = nn.Parameter(W.new_zeros(N, m, r))  # B_h: (N, m, r), zero: identity at init
+        self.lora_A = nn.Parameter(semi_orthogonal(N, r, n, generator).to(dev, dt))  # A_h: (N, r, n)
+        self.lora_B = nn.Parameter(torch.zeros(N, m, r, device=dev, dtype=dt))  # B_h: (N, m, r), zero at init
         keep_prev = cfg.mode != "mhlora" and not cfg.reset_lora  # prev factors exist only when reset-less
-        self.register_buffer("prev_A", W.new_zeros(N, r, n) if keep_prev else None)  # A_h'
-        self.register_buffer("prev_B", W.new_zeros(N, m, r) if keep_prev else None)  # B_h'
+        self.register_buffer("prev_A", torch.zeros(N, r, n, device=dev, dtype=dt) if keep_prev else None)  # A_h'
+        self.register_buffer("prev_B", torch.zeros(N, m, r, device=dev, dtype=dt) if keep_prev else None)  # B_h'
 
     def factors(self):
         """(N, 2r, n), (N, m, 2r) with B_h·A_h = [B_h, −B_h']·[A_h; A_h'] = B_h A_h − B_h' A_h'."""
@@ -158,10 +194,9 @@ class LTELinear(nn.Module):
         return torch.cat([self.lora_A, self.prev_A], 1), torch.cat([self.lora_B, -self.prev_B], 2)
 
     def head_mean(self):
-        """(1/N) Σ_h s·(B_h A_h − B_h' A_h') as one (m × N·2r)(N·2r × n) product, float32."""
+        """(1/N) Σ_h s·(B_h A_h − B_h' A_h') as one (m × N·2r)(N·2r × n) product, in the factors' float32."""
         A, B = self.factors()
-        dt = torch.promote_types(self.weight.dtype, torch.float32)  # at least float32
-        return (self.scaling / self.num_heads) * (B.transpose(0, 1).flatten(1).to(dt) @ A.flatten(0, 1).to(dt))
+        return (self.scaling / self.num_heads) * (B.transpose(0, 1).flatten(1) @ A.flatten(0, 1))
 
     def forward(self, x):  # x: (B, ..., n)
         y = F.linear(x, self.weight, self.bias)  # the main-weight product, shared by all heads
@@ -234,7 +269,7 @@ def check_config(model, cfg, train):
 def wrap(model, cfg, train):
     """Every nn.Linear -> LTELinear; embeddings and norm gains -> Replicas (or frozen)."""
     check_config(model, cfg, train)
-    gen = torch.Generator().manual_seed(train.seed)  # the same heads on every rank
+    gen = torch.Generator().manual_seed(train.seed)  # CPU draws in a fixed layer order: the same heads on every rank
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             full = f"{parent_name}.{name}" if parent_name else name
@@ -268,6 +303,42 @@ def make_optimizer(model, cfg, train):
                              betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps)
 
 
+# ----------------------------------------------------------------------------- clipping per head
+
+
+def slice_norms(t):
+    """(len(t),) Euclidean norm of each t[h], in at least float32."""
+    n = torch.linalg.vector_norm(t, dim=tuple(range(1, t.dim())))  # no full-size float32 copy of a bf16 t
+    return n.to(torch.promote_types(n.dtype, torch.float32))
+
+
+@torch.no_grad()
+def before_step(step, model, opt, cfg, train):
+    """METHOD: clip each head's gradient on its own to c/√G (detail 8), before train.py's global clip."""
+    if train.grad_clipping <= 0 or cfg.mode == "mhlora":
+        return {}
+    per_head, shared = [], []  # tensors with one slice per head; tensors trained on the whole batch
+    for mod in model.modules():
+        if isinstance(mod, LTELinear):
+            per_head += [mod.lora_A, mod.lora_B]
+        elif isinstance(mod, Replicas):
+            (per_head if mod.copies == cfg.num_heads else shared).append(mod.heads)
+    norms = torch.stack([slice_norms(p.grad) for p in per_head]).pow(2).sum(0).sqrt()  # (N,)
+    groups = [(per_head, norms)]
+    if shared:  # one more group: its norm over all shared tensors, as a (1,) tensor
+        groups.append((shared, torch.stack([slice_norms(p.grad) for p in shared]).pow(2).sum().sqrt().view(1)))
+    limit = train.grad_clipping / math.sqrt(sum(len(n) for _, n in groups))  # c/√G: the total stays <= c
+    for tensors, n in groups:
+        coef = (limit / (n + 1e-6)).clamp(max=1.0)  # (N,) or (1,), as torch's clip_grad_norm_ computes it
+        for p in tensors:
+            p.grad.mul_(coef.to(p.grad.dtype).view(-1, *[1] * (p.dim() - 1)))
+    return {"head_grad_norm_max": norms.max()} if (step + 1) % train.log_every == 0 else {}
+
+
+def param_step(step, p, model, opt, cfg, train):
+    """--per_layer_updates: nothing to do (that mode runs without clipping, before_step's only change)."""
+
+
 # ----------------------------------------------------------------------------- the merge
 
 
@@ -286,23 +357,25 @@ def merge_heads(model, opt, cfg, train, step):
     for mod in model.modules():
         if isinstance(mod, LTELinear):
             delta = mean_over_ranks_(mod.head_mean(), world)  # (m, n), float32
-            mod.weight += delta.to(mod.weight.dtype)
-            upd.append(delta.pow(2).sum()), norm.append(mod.weight.float().pow(2).sum())
-            if cfg.reset_lora:  # A_h ← fresh draw, B_h ← 0 (prev stays 0); Adam moments of A, B zeroed
+            upd.append(delta.pow(2).sum())
+            delta += mod.weight  # W + ΔW in float32, rounded once to W's dtype
+            mod.weight.copy_(delta)
+            norm.append(delta.pow(2).sum())
+            if cfg.reset_lora:  # A_h ← fresh draw, B_h ← 0 (prev stays 0); Adam state of A, B zeroed, step too
                 N, r, n = mod.lora_A.shape
                 mod.lora_A.copy_(semi_orthogonal(N, r, n, gen))  # same draw on every rank
                 mod.lora_B.zero_()
                 for p in (mod.lora_A, mod.lora_B):
-                    for key in ("exp_avg", "exp_avg_sq"):
-                        if key in opt.state.get(p, {}):
-                            opt.state[p][key].zero_()
+                    for v in opt.state.get(p, {}).values():
+                        v.zero_()  # exp_avg, exp_avg_sq and step: the next update is a first Adam step
             else:  # reset-less: heads carry on; in local mode they are averaged over ranks first
                 mod.prev_A.copy_(mean_over_ranks_(mod.lora_A, world))
                 mod.prev_B.copy_(mean_over_ranks_(mod.lora_B, world))
-        elif isinstance(mod, Replicas):  # local-SGD averaging of the copies (over heads, then ranks)
-            mod.weight.copy_(mean_over_ranks_(mod.heads.mean(0), world))
+        elif isinstance(mod, Replicas):  # local-SGD averaging of the copies (over heads, then ranks), float32
+            mean = mod.heads.mean(0, dtype=torch.promote_types(mod.heads.dtype, torch.float32))
+            mod.weight.copy_(mean_over_ranks_(mean, world))
             mod.heads.copy_(mod.weight.expand_as(mod.heads))
-    return {"merge_rel_update": (torch.stack(upd).sum() / torch.stack(norm).sum()).sqrt().item()}
+    return {"merge_rel_update": (torch.stack(upd).sum() / torch.stack(norm).sum()).sqrt()}  # 0-dim tensor
 
 
 def comm_bytes_per_step(model, cfg):
@@ -339,7 +412,7 @@ def after_step(step, model, opt, cfg, train):
 
 
 def get_state(model, opt, cfg):
-    """Local mode under torchrun: every rank's own heads, replicas and Adam moments (they differ)."""
+    """Local mode under torchrun: every rank's own heads, replicas and Adam state (they differ)."""
     world = local_world(cfg)
     if world == 1:
         return {}
@@ -372,14 +445,15 @@ def set_state(model, opt, cfg, state):
 
 @torch.no_grad()
 def export(model, cfg):
-    """Plain GPT state dict of the evaluation function: merged W (plus Σ_h s·B_h A_h in mhlora)."""
+    """Plain GPT state dict on the CPU of the evaluation function: merged W (plus Σ_h s·B_h A_h in
+    mhlora, built on the device one layer at a time and moved at once)."""
+    summed = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, LTELinear) and cfg.mode == "mhlora"}
     sd = {}
     for name, t in model.state_dict().items():
         if name.endswith(HEAD_KEYS):
             continue
-        sd[name] = t.clone()
-    if cfg.mode == "mhlora":
-        for name, m in model.named_modules():
-            if isinstance(m, LTELinear):
-                sd[name + ".weight"] += (m.head_mean() * m.num_heads).to(m.weight.dtype)
+        if name in summed:
+            m = summed[name]
+            t = (m.head_mean().mul_(m.num_heads) + m.weight).to(m.weight.dtype)  # W + Σ_h s·B_h A_h
+        sd[name] = t.detach().cpu()
     return sd
