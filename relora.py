@@ -131,6 +131,10 @@ class Config:
     zero_lora_A_at_wrap: bool = _opt(False, "the original's A = 0 at wrap (adapters dead until the first restart)")
 
 
+TRAIN_DEFAULTS = {"scheduler": "cosine_restarts"}  # the jagged cosine: restarts without it diverged (Table 6)
+EVENT_EVERY_UPDATE = {"relora": 1, "restart_warmup_steps": 1}  # a merge and a reset after every update
+
+
 # ----------------------------------------------------------------------------- the layer
 
 
@@ -165,10 +169,10 @@ class ReLoRALinear(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self):
-        # W + s B A, computed in at least float32 whatever the storage dtype (bf16 loses small deltas)
+        """W + s B A, a new tensor in W's dtype, summed in at least float32: a bf16 W is rounded once."""
         dt = torch.promote_types(self.weight.dtype, torch.float32)
-        delta = self.scaling * (self.lora_B.to(dt) @ self.lora_A.to(dt))  # (m, n)
-        return (self.weight.to(dt) + delta).to(self.weight.dtype)
+        W = self.weight.to(dt, copy=True)  # (m, n)
+        return W.addmm_(self.lora_B.to(dt), self.lora_A.to(dt), alpha=self.scaling).to(self.weight.dtype)
 
     @torch.no_grad()
     def merge_and_reinit(self, generator):
@@ -227,12 +231,17 @@ def wrap(model, cfg, train):
 
 
 def export(model, cfg):
-    """The plain GPT state dict: W + s B A for every adapted layer, no lora_* keys. Model untouched."""
-    sd = model.state_dict()
-    for name, m in model.named_modules():
-        if isinstance(m, ReLoRALinear):
-            sd[name + ".weight"] = m.merged_weight()
-            del sd[name + ".lora_A"], sd[name + ".lora_B"]
+    """The plain GPT state dict on the CPU: W + s B A for every adapted layer, no lora_* keys.
+
+    Each merged weight is built on the model's device and moved to the CPU at once, so the device
+    never holds more than one extra layer. The training model is untouched."""
+    adapted = {name: m for name, m in model.named_modules() if isinstance(m, ReLoRALinear)}
+    sd = {}
+    for key, t in model.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in adapted and leaf in ("lora_A", "lora_B"):
+            continue
+        sd[key] = (adapted[owner].merged_weight() if owner in adapted and leaf == "weight" else t.detach()).cpu()
     return sd
 
 
@@ -253,10 +262,11 @@ def magnitude_keep_mask(t, ratio):
 
 @torch.no_grad()
 def reset_optimizer_state(model, optimizer, cfg, generator):
-    """Zero or prune the Adam moments of the LoRA parameters only; returns the fraction now zero.
+    """Zero or prune the Adam moments of the LoRA parameters only; -> the fraction now zero (0-dim tensor).
 
-    Leaves every other parameter's state, and Adam's `step` counters, untouched."""
-    zeros, total = 0, 0
+    Leaves every other parameter's state, and Adam's `step` counters, untouched. Never reads a
+    tensor into Python, so it also runs on fake tensors (memory.py)."""
+    zeros, total = [], 0
     for name, p in model.named_parameters():
         if "lora_" not in name or not p.requires_grad or p not in optimizer.state:
             continue
@@ -266,26 +276,26 @@ def reset_optimizer_state(model, optimizer, cfg, generator):
             if cfg.reset_optimizer_on_relora:
                 st.zero_()
             elif cfg.optimizer_random_pruning > 0:
-                # keep where u > p, u ~ U(0, 1) from the shared generator: same mask on every rank
-                u = torch.rand(st.shape, generator=generator, device=st.device)
+                # keep where u > p, u ~ U(0, 1) drawn on the CPU from the shared generator: same mask on every rank
+                u = torch.rand(st.shape, generator=generator).to(st.device)
                 st.masked_fill_(u <= cfg.optimizer_random_pruning, 0.0)
             else:
                 st.masked_fill_(~magnitude_keep_mask(st, cfg.optimizer_magnitude_pruning), 0.0)
-            zeros += int((st == 0).sum())
+            zeros.append((st == 0).sum())
             total += st.numel()
-    return zeros / max(total, 1)
+    return torch.stack(zeros).sum() / total if zeros else torch.zeros(())
 
 
 # ----------------------------------------------------------------------------- the jagged cosine
 
 
 def jagged_cosine(t, T, w0, wr, P, rho):
-    """LR multiplier of --scheduler cosine_restarts at 0-based update t (METHODS.md §2.5)."""
+    """LR multiplier of --scheduler cosine_restarts at 0-based update t (point 6); P = 0: no restarts."""
     env = lambda x: rho + (1 - rho) * 0.5 * (1 + math.cos(math.pi * x))  # noqa: E731
     if t < w0:
         return t / w0  # first warmup, from 0
-    k, j = divmod(t, P)  # restart number, position in the cycle
-    if t >= P and j < wr:
+    k, j = divmod(t, P) if P else (0, t)  # restart number, position in the cycle
+    if k >= 1 and j < wr:
         # restart at t = kP: 0, then linear up to the envelope's value at the end of the re-warmup
         return j / wr * env((k * P + wr - w0) / max(1, T - w0))
     return env((t - w0) / max(1, T - w0))
@@ -295,16 +305,23 @@ def lr_multiplier(step, cfg, train):
     if train.scheduler != "cosine_restarts":
         return None  # train.py's own --scheduler
     P, T, w0, wr = cfg.cycle_length or cfg.relora, train.num_training_steps, train.warmup_steps, cfg.restart_warmup_steps
-    if P < 1:
-        raise ValueError("--scheduler cosine_restarts needs a restart period: --cycle_length or --relora")
-    if T % P:
-        raise ValueError(f"--num_training_steps {T} must be divisible by the restart period "
-                         f"(--cycle_length, else --relora) {P} for --scheduler cosine_restarts")
-    if w0 > P:
+    if P and T % P:
+        raise ValueError(_not_a_multiple(T, P, w0, wr, "--cycle_length" if cfg.cycle_length else "--relora"))
+    if w0 > P > 0:
         raise ValueError(f"--warmup_steps {w0} must not exceed the restart period {P} for --scheduler cosine_restarts")
-    if not 1 <= wr <= P:
+    if P and not 1 <= wr <= P:
         raise ValueError(f"--restart_warmup_steps {wr} must be between 1 and the restart period {P}")
     return jagged_cosine(step, T, w0, wr, P, train.min_lr_ratio)
+
+
+def _not_a_multiple(T, P, w0, wr, flag):
+    """The one-line error for T not a multiple of P, with the settings that would work."""
+    fixes = [f"--num_training_steps {' or '.join(str(k * P) for k in (T // P, T // P + 1) if k)}"]
+    d = next((d for d in range(min(P, T - 1), 0, -1) if T % d == 0 and d >= max(w0, wr, 1)), None)
+    fixes += [f"{flag} {d}"] if d else []
+    return (f"--scheduler cosine_restarts (ReLoRA's default) restarts every {P} updates ({flag}), so "
+            f"--num_training_steps must be a multiple of {P}, not {T}: use {', '.join(fixes)}, "
+            f"or train.py's --scheduler cosine")
 
 
 # ----------------------------------------------------------------------------- the periodic event
