@@ -1,7 +1,8 @@
 """
 LoQT: Low-Rank Adapters for Quantized Pretraining.
 Sebastian Loeschcke, Mads Toftrup, Michael J. Kastoryano, Serge Belongie, Vésteinn Snæbjarnarson.
-NeurIPS 2024, arXiv:2405.16528; official code sebulo/LoQT. Spec: METHODS.md §7 (GaLore: §4).
+NeurIPS 2024, arXiv:2405.16528; official code github.com/sebulo/LoQT (GaLore, arXiv:2403.03507,
+for the projector).
 
 The idea. Each adapted linear keeps a quantized, frozen full weight Q, a frozen projector P from
 the SVD of the gradient, and one small trainable factor B:
@@ -12,51 +13,88 @@ the SVD of the gradient, and one small trainable factor B:
 with s = --lora_alpha itself (not α/r) and G = ∂L/∂W. P sits on the smaller side, so B and its
 Adam state are r × max(m, n). At refresh steps T_0 = 0 < T_1 < ... (growing gaps) s·ΔW is merged
 into Q, Q is requantized, P is recomputed from that step's G, and B is re-initialised so that
-deq(Q) + s·ΔW reproduces the merged weight up to the quantization error. Like GaLore, training
-walks through gradient subspaces; unlike GaLore, the full weight never exists in 16/32 bits.
+deq(Q) + s·ΔW reproduces the merged weight up to the quantization error (paper §3, Alg. 1). Like
+GaLore, training walks through gradient subspaces; unlike GaLore, the full weight never exists in
+16/32 bits.
 
-Implementation details (§ = METHODS.md):
+Implementation details:
 1. Quantization written here: NF4 (16 N(0,1) quantiles, blocks of 64, absmax scales, two codes
    per byte, optional double quantization of the scales: 8-bit dynamic code, blocks of 256) and
    block-wise int8 (linear 255-level code, blocks of 64). Codes and scales are registered
    buffers: they are the weights, and the checkpoint (4.5 bits per NF4 weight).
-2. `DequantLinear`, a custom autograd function, dequantizes Q in the forward and again in the
-   backward (nothing m×n is saved); on refresh steps it also accumulates ∂L/∂W = Σ δᵀx in
-   float32 into `layer.grad_W` over the micro-steps (§7.1).
-3. Refresh steps as `get_proj_update_steps` (§7.2): T_0 = 0, T_1 = τ; static T_{k+1} = T_k + τ;
-   linear T_{k+1} = T_k + ⌊τ + k·ψ⌋; exponential T_{k+1} = T_k + τ + ⌊ψ^k⌋.
-4. The refresh runs in `after_step` of a refresh step (§7.3): all-reduce G over ranks; merge
-   W_fp = deq(Q) + s·ΔW in float32; P = top-r singular vectors of G (float32 SVD; NF4 storage
-   optional); K = --compensate_quant_error_iterations rounds of Q_k = quant(C_{k-1}),
+2. One autograd function per layer (`LoQTMatmul`) computes y = x·deq(Q)ᵀ + s·x·ΔWᵀ and, in the
+   backward, ∂L/∂x and ∂L/∂B; deq(Q) and deq(P) are recomputed there (nothing m×n is saved). On
+   a refresh step the same backward first accumulates G = Σ δᵀx in float32 into `layer.grad_W`
+   over the micro-steps (the original's NF4 "weight_grad" side buffer), so G is complete before
+   B's gradient (and any hook on it) exists.
+3. Refresh steps as the original's `get_proj_update_steps`: T_0 = 0, T_1 = τ; static
+   T_{k+1} = T_k + τ; linear T_{k+1} = T_k + ⌊g_k⌋ with g_0 = τ, g_k = g_{k-1} + ψ summed in
+   floating point (as the original, which gives ⌊τ + k·ψ⌋ ± 1 from k ≈ 36 on for ψ = 1.2);
+   exponential T_{k+1} = T_k + τ + ⌊ψ^k⌋. Only the chosen progression is evaluated, once per run.
+4. A layer's refresh, after optimizer.step() of a refresh step: all-reduce G over ranks; merge
+   W_fp = deq(Q) + s·ΔW in float32; P = top-r singular vectors of G (float32 SVD; left: the top-r
+   right singular vectors as rows, right: the top-r left ones as columns; NF4 storage optional);
+   K = --compensate_quant_error_iterations rounds of Q_k = quant(C_{k-1}),
    B_k = (W_fp − deq(Q_k))·P⁺/s (left) or P⁺·(W_fp − deq(Q_k))/s (right), C_k = W_fp − s·ΔW_k,
-   C_0 = W_fp, keeping the round with the least ‖W_fp − deq(Q_k) − s·ΔW_k‖_F (K = 0: B = 0).
-   P, Q and B are broadcast from rank 0, so ranks agree even if SVDs differ in the last bit.
+   C_0 = W_fp, keeping the round with the least ‖W_fp − deq(Q_k) − s·ΔW_k‖_F (K = 0: B = 0). The
+   choice is a torch.where, not a Python branch, so the refresh also runs on fake tensors
+   (memory.py). P, Q and B are broadcast from rank 0, so ranks agree even if SVDs differ in the
+   last bit.
 5. --optimizer adam8bit: an 8-bit AdamW written here; moments in blocks of 256 on a dynamic
-   (decade-wise) code with float32 absmax. Tensors under 4096 elements and the embeddings and
-   lm_head keep float32 state (transformers#14819). State is plain tensors (weights_only loads).
+   (decade-wise) code with float32 absmax. Tensors under 4096 elements keep float32 state, and so
+   do the embeddings and lm_head unless --adam8bit_embeddings (8-bit state on the embedding was
+   reported unstable for pre-training, transformers#14819; bitsandbytes itself quantizes every
+   tensor of 4096+ elements). State is plain tensors (weights_only loads), and a resume restores
+   each state tensor in its saved dtype (torch's loader would cast the uint8 codes to float).
 6. B's Adam state at a refresh, --refresh_optimizer_state: keep (the original: moments carry
    over, GaLore-style), reset (m = v = 0, step 0) or project (m ← m·C, v ← v·(C∘C) with
    C = P_old·P_newᵀ, transposed on the right side). Measured on tiny, 150 steps, τ = 25, val loss:
    s 0.5 seed 0: keep 2.300 / reset 2.342 / project 2.230; seed 1: 2.360 / 2.354 / 2.283;
    s 1.0: 2.047 / 2.090 / 2.011. Project wins every time, so it is the default.
 
+Memory modes (the paper trains 7B on a 24 GB GPU, and 13B with per-layer updates, §5 and Table 4):
+- Offloading (--use_offloading, the original's flag): during a refresh step each layer's G
+  accumulates on the host (train.offload_device); the refresh brings one layer's G to the device
+  at a time. The merged W_fp never needs the host here: it is built at refresh time, one layer at
+  a time (the original builds it before the forward for every layer and parks it on the CPU).
+- Per-layer updates (train.py --per_layer_updates): B's gradient hook (`param_step`) steps B,
+  then refreshes its layer at once (G is complete, detail 2), then frees G: one layer's G exists
+  at a time, on the device. The end weights equal those of the ordinary optimizer step.
+- Storage precision (--storage_dtype bfloat16): the frozen Q is 4-bit either way; B, the
+  embeddings, norms and lm_head are stored in bf16 as in the original's pure-bf16 model. B
+  follows the storage dtype because at paper scale it is not small: r·max(m, n) is 1.6B numbers
+  at 7B (r 1024), a quarter of the model; in float32 it and its gradient would cost 12 GiB more
+  and 13B would not fit in 24 GiB. What stays float32: G, W_fp and every refresh computation
+  (merge, SVD, compensation; the result is written back in bf16), and the adam8bit moments and
+  scales (32-bit state is float32 whatever the parameter's dtype, as in bitsandbytes).
+- 8-bit embeddings (--adam8bit_embeddings): the embeddings' and lm_head's moments in 8 bits too
+  (2 bytes per parameter instead of 8).
+
 Deviations from the official code, and why:
 - The original disables the adapter on a refresh step, merges before the forward and zeroes B's
-  gradient (B moves by momentum alone). Here the refresh step trains normally and merges after
-  optimizer.step(): G = ∂L/∂W is the same at deq(Q) + s·ΔW however W is split, and B keeps its update.
+  gradient (B moves by momentum alone). Here the refresh step trains normally and refreshes after
+  B's optimizer step: G = ∂L/∂W is the same at deq(Q) + s·ΔW however W is split, and B keeps its
+  update.
 - Merges in float32 (the original merges in bf16); B is never swapped for 1×1 placeholders (the
-  Parameter set stays fixed for DDP, USER_NEEDS §2.0.3).
+  Parameter set stays fixed for DDP and the optimizer).
 - --max_proj_gap caps the gap between refreshes (the original clamps the step values, which
   stops refreshing once T_k passes it).
 - adam8bit keeps √v, not v, on a code without zero: a v rounded to 0 under a non-zero m gives huge
-  steps (the "zero-point problem", Li et al. 2023). Not implemented: eigh, CPU offloading,
-  per-layer optimizer steps, fp4, 1-bit.
+  steps (the "zero-point problem", Li et al. 2023). Not implemented: eigh, fp4, 1-bit.
+- --dtype float16: a step the GradScaler skips (inf/NaN gradients) also skips its refresh: every
+  tensor the refresh touches (Q, P, B, B's Adam state) is restored through a torch.where on
+  "G is finite", and the schedule goes on. G is accumulated from the scaled loss, which changes
+  neither its singular vectors nor the merge.
 
 Some warnings:
-- A refresh step holds one float32 m×n gradient per adapted layer at once: the memory peak on
-  big models (the original offloads it to CPU or steps layer by layer).
+- Without offloading or per-layer updates a refresh step holds one float32 m×n gradient per
+  adapted layer at once: the memory peak on big models (24 GiB at 7B).
 - Each requantization loses updates smaller than a quantization step: why the gaps grow.
 - s multiplies the adapted weights' effective learning rate (Adam is scale-invariant): s·lr.
+- Until the first refresh (update 0) P = 0: that update trains the embeddings, norms and head only.
+
+Memory, estimated by memory.py (fake tensors; micro-batch 1 x 256, vocabulary 32000; GiB = 2^30):
+MEMORY_TABLE
 
 Usage:
     python train.py --method loqt                                  # tiny defaults below
@@ -64,20 +102,26 @@ Usage:
     torchrun --nproc-per-node 2 train.py --method loqt --num_training_steps 20 --check_ranks_every 1
     python train.py --method loqt --model_config llama_350m --lr 0.01 --lora_r 256 --lora_alpha 0.5 \\
         --update_proj_gap 100 --adamw_eps 1e-6 --grad_clipping 0 --refresh_optimizer_state keep  # 350M script
+    python train.py --method loqt --model_config llama_7b --storage_dtype bfloat16 --lora_r 1024 \\
+        --optimizer adam8bit --use_offloading --batch_size 1 --max_length 256     # 7B in 24 GiB
+    python train.py --method loqt --model_config llama_13b --storage_dtype bfloat16 --lora_r 1024 \\
+        --optimizer adam8bit --per_layer_updates --grad_clipping 0 --batch_size 1 --max_length 256
 
 Defaults, paper scripts (lr 0.01) vs here (tiny, lr 3e-3, 500 steps): r 128-256 vs 32; s 0.4-0.5 vs
 1.0 (s·lr 5e-3 vs 3e-3); τ 100 vs 50, exponential, ψ 1.2 (10 refreshes in 500 steps); K 5; NF4 W and
 P. The original's command-line defaults are static τ 50, K 0, no quantization, s 0.5.
 """
 
+import functools
 from dataclasses import dataclass, field
+from statistics import NormalDist
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import materialize
+from model import adapted_linear_names, materialize
 
 
 def opt(default, help, **kw):
@@ -96,55 +140,67 @@ class Config:
     quantize_w: str = opt("4bit", "storage of the adapted weights", choices=["4bit", "8bit", "none"])
     quantize_projection_matrix: str = opt("4bit", "storage of the projector P", choices=["4bit", "none"])
     use_double_quant: bool = opt(False, "quantize W's NF4/int8 block scales again (8-bit, block 256)")
-    optimizer: str = opt("adamw", "adamw (float32 state) | adam8bit (8-bit block-wise state)", choices=["adamw", "adam8bit"])
+    optimizer: str = opt("adamw", "adamw (torch) | adam8bit (8-bit block-wise state)", choices=["adamw", "adam8bit"])
+    adam8bit_embeddings: bool = opt(False, "adam8bit: 8-bit state for the embeddings and lm_head too (default float32)")
     refresh_optimizer_state: str = opt("project", "B's Adam moments at a refresh", choices=["keep", "reset", "project"])
+    use_offloading: bool = opt(False, "keep the refresh step's full gradients on the host, one layer on the device at a time")
 
+
+EVENT_EVERY_UPDATE = {"update_proj_gap": 1, "proj_gap_progression": "static"}  # a refresh at every update
 
 # ----------------------------------------------------------------------------- quantization
 
 
-def nf4_code():
+def nf4_levels():
     """The 16 NF4 levels (QLoRA §3): N(0,1) quantiles, 8 positive and 7 negative ones plus an exact 0, scaled to [-1, 1]."""
     edge = 0.5 * ((1 - 1 / 32) + (1 - 1 / 30))  # the outermost quantile: between 2^4 and 2^4-1 equal-mass bins
-    pos = torch.special.ndtri(torch.linspace(edge, 0.5, 9, dtype=torch.float64)[:-1])
-    neg = -torch.special.ndtri(torch.linspace(edge, 0.5, 8, dtype=torch.float64)[:-1])
-    v = torch.cat([neg, torch.zeros(1, dtype=torch.float64), pos]).sort().values
-    return (v / v.max()).float()
+    ramp = lambda n: [edge + (0.5 - edge) * i / (n - 1) for i in range(n - 1)]  # noqa: E731  (n-1 points, 0.5 left out)
+    q = NormalDist().inv_cdf
+    v = sorted([-q(p) for p in ramp(8)] + [0.0] + [q(p) for p in ramp(9)])
+    return [x / v[-1] for x in v]
 
 
-def dynamic_code(signed, zero=True):
+def dynamic_levels(signed, zero=True):
     """8-bit dynamic code: decade i (values in (10^-i-1, 10^-i]) gets 2^(bits-1-i) linear steps, so
     precision is relative, like a float with a variable-length exponent (Dettmers et al. 2022)."""
     bits = 7 if signed else 8
-    mags = torch.cat([10.0 ** -i * torch.linspace(0.1, 1, 2 ** (bits - 1 - i) + 1, dtype=torch.float64)[1:] for i in range(bits)])
-    parts = ([-mags] if signed else []) + ([mags.new_zeros(1)] if zero else []) + [mags]
-    return torch.cat(parts).sort().values.float()  # signed: 255 levels; unsigned: 256 (255 without the zero)
+    mags = [10.0 ** -i * (0.1 + 0.9 * j / 2 ** (bits - 1 - i)) for i in range(bits) for j in range(1, 2 ** (bits - 1 - i) + 1)]
+    return sorted(([-x for x in mags] if signed else []) + ([0.0] if zero else []) + mags)  # signed: 255; unsigned: 255
 
 
-CODES = {"4bit": nf4_code, "8bit": lambda: torch.arange(-127, 128) / 127.0, "dyn": lambda: dynamic_code(True),
-         "dyn+": lambda: dynamic_code(False, zero=False)}
-_cache = {}
+# plain Python numbers, turned into a tensor where they are used: no tensor outlives a fake-tensor run
+LEVELS = {"4bit": nf4_levels(), "8bit": [i / 127 for i in range(-127, 128)], "dyn": dynamic_levels(True),
+          "dyn+": dynamic_levels(False, zero=False)}
+MIDPOINTS = {kind: [(a + b) / 2 for a, b in zip(v, v[1:])] for kind, v in LEVELS.items()}  # rounding boundaries
+NF4_PAIRS = [[LEVELS["4bit"][byte >> 4], LEVELS["4bit"][byte & 15]] for byte in range(256)]  # a packed byte's 2 levels
 
 
 def code(kind, device):
-    if (kind, device) not in _cache:
-        _cache[kind, device] = CODES[kind]().to(device)
-    return _cache[kind, device]
+    return torch.tensor(LEVELS[kind], dtype=torch.float32, device=device)
+
+
+def nf4_code():
+    return code("4bit", "cpu")
 
 
 def quantize_blockwise(x, kind, block):
     """x -> (idx uint8 (numel padded to the block), absmax float32 (blocks,)): idx = nearest level of x / absmax."""
     flat = x.detach().float().flatten()
-    flat = F.pad(flat, (0, -flat.numel() % block)).view(-1, block)
+    if flat.numel() % block:
+        flat = F.pad(flat, (0, -flat.numel() % block))
+    flat = flat.view(-1, block)
     absmax = flat.abs().amax(1)
-    c = code(kind, x.device)
-    idx = torch.bucketize(flat / absmax.clamp_min(1e-30)[:, None], (c[1:] + c[:-1]) / 2)  # nearest level
+    mids = torch.tensor(MIDPOINTS[kind], device=x.device)
+    idx = torch.bucketize(flat / absmax.clamp_min(1e-30)[:, None], mids, out_int32=True)  # nearest level
     return idx.to(torch.uint8).flatten(), absmax
 
 
 def dequantize_blockwise(idx, absmax, kind, numel):
-    block = idx.numel() // absmax.numel()
-    return (code(kind, idx.device)[idx.long()].view(-1, block) * absmax[:, None]).flatten()[:numel]
+    """levels·absmax, float32 (numel,). "4bit" idx are packed bytes: each one looks up its pair of levels.
+    Temporaries: int32 indices and the float32 result, both of the padded size."""
+    table = torch.tensor(NF4_PAIRS if kind == "4bit" else LEVELS[kind], device=idx.device)  # (256, 2) or (levels,)
+    out = table.index_select(0, idx.int()).view(absmax.numel(), -1)  # (blocks, block)
+    return out.mul_(absmax[:, None]).flatten()[:numel]
 
 
 def pack4(idx):
@@ -152,25 +208,22 @@ def pack4(idx):
     return idx[0::2] << 4 | idx[1::2]
 
 
-def unpack4(packed):
-    return torch.stack([packed >> 4, packed & 15], 1).flatten()
-
-
 class QuantizedTensor(nn.Module):
-    """A frozen tensor kept as codes and scales in buffers ("4bit" NF4, "8bit" int8, or "none": float32).
+    """A frozen tensor kept as codes and scales in buffers ("4bit" NF4, "8bit" int8, or "none": x's dtype).
 
-    Buffers keep their shapes forever, so re-quantization copies in place and checkpoints load."""
+    Buffers keep their shapes forever, so re-quantization copies in place and checkpoints load.
+    dequantize() returns a new float32 tensor whatever the storage."""
 
     def __init__(self, x, kind, double_quant=False, block=64):
         super().__init__()
-        self.kind, self.shape, self.numel, self.block = kind, tuple(x.shape), x.numel(), block
+        self.kind, self.shape, self.numel, self.block, self.dtype = kind, tuple(x.shape), x.numel(), block, x.dtype
         self.double_quant = double_quant and kind != "none"
         for name, t in self.encode(x).items():
             self.register_buffer(name, t)
 
     def encode(self, x):
         if self.kind == "none":
-            return {"data": x.detach().float().clone()}
+            return {"data": x.detach().to(self.dtype, copy=True)}
         idx, absmax = quantize_blockwise(x, self.kind, self.block)
         out = {"codes": pack4(idx) if self.kind == "4bit" else idx}
         if not self.double_quant:
@@ -181,13 +234,12 @@ class QuantizedTensor(nn.Module):
 
     def decode(self, enc):
         if self.kind == "none":
-            return enc["data"]
-        idx = unpack4(enc["codes"]) if self.kind == "4bit" else enc["codes"]
+            return enc["data"].to(torch.float32, copy=True)
         absmax = enc.get("absmax")
         if absmax is None:
-            nblocks = idx.numel() // self.block
+            nblocks = -(-self.numel // self.block)
             absmax = dequantize_blockwise(enc["absmax_codes"], enc["absmax_scale"], "dyn", nblocks) + enc["absmax_offset"]
-        return dequantize_blockwise(idx, absmax, self.kind, self.numel).view(self.shape)
+        return dequantize_blockwise(enc["codes"], absmax, self.kind, self.numel).view(self.shape)
 
     def dequantize(self):
         return self.decode(dict(self.named_buffers()))
@@ -201,26 +253,49 @@ class QuantizedTensor(nn.Module):
 # ----------------------------------------------------------------------------- the layer
 
 
-class DequantLinear(torch.autograd.Function):
-    """y = x·deq(Q)ᵀ. Backward: ∂L/∂x = δ·deq(Q); on refresh steps also grad_W += δᵀx (float32)."""
+class LoQTMatmul(torch.autograd.Function):
+    """y = x·deq(Q)ᵀ + s·x·(B·P)ᵀ (left) or + s·x·(P·B)ᵀ (right), all in x's dtype.
+
+    One node for both branches, so that on a refresh step G = Σ δᵀx is accumulated before ∂L/∂B
+    is returned: B's post-accumulate-grad hook (--per_layer_updates) always sees a complete G."""
 
     @staticmethod
-    def forward(ctx, x, layer):
-        ctx.layer, ctx.x_dtype = layer, x.dtype
-        ctx.save_for_backward(x if layer.grad_W is not None else None)  # x is kept only when dL/dW is wanted
-        return F.linear(x, layer.W.dequantize().to(x.dtype))
+    def forward(ctx, x, B, layer):
+        dt, s = x.dtype, layer.s
+        P, Bc = layer.P.dequantize().to(dt), B.to(dt)
+        y = F.linear(x, layer.W.dequantize().to(dt))  # (…, m)
+        if layer.left:
+            xp = F.linear(x, P)  # (…, r)
+            y = y + s * F.linear(xp, Bc)
+            ctx.save_for_backward(x if layer.collect_G is not None else None, xp, B)  # x only when G is wanted
+        else:
+            y = y + s * F.linear(F.linear(x, Bc), P)
+            ctx.save_for_backward(x, None, B)
+        ctx.layer = layer
+        return y
 
     @staticmethod
     def backward(ctx, gy):
-        layer, (x,) = ctx.layer, ctx.saved_tensors
-        if x is not None:  # G = Σ_tokens δ xᵀ, (m, n)
-            layer.grad_W += gy.reshape(-1, gy.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
-        gx = gy @ layer.W.dequantize().to(gy.dtype) if ctx.needs_input_grad[0] else None
-        return (gx.to(ctx.x_dtype) if gx is not None else None), None
+        layer, (x, xp, B) = ctx.layer, ctx.saved_tensors
+        dt, s = gy.dtype, layer.s
+        P, Bc = layer.P.dequantize().to(dt), B.to(dt)
+        gy2 = gy.reshape(-1, gy.shape[-1])  # (tokens, m)
+        if layer.collect_G is not None:  # G += δᵀx, (m, n), float32, where it is kept (the host if offloaded)
+            g = (gy2.float().T @ x.reshape(-1, x.shape[-1]).float()).to(layer.collect_G)
+            layer.grad_W = g if layer.grad_W is None else layer.grad_W.add_(g)
+        gB = gx = None
+        if ctx.needs_input_grad[1]:  # left: s·δᵀ(x Pᵀ), (m, r); right: s·(δ P)ᵀ x, (r, n)
+            gB = s * (gy2.T @ xp.reshape(-1, layer.r) if layer.left else (gy2 @ P).T @ x.reshape(-1, x.shape[-1]))
+            gB = gB.to(B.dtype)
+        if ctx.needs_input_grad[0]:  # δ·(deq(Q) + s·ΔW), ΔW never formed
+            gx = gy @ layer.W.dequantize().to(dt) + s * ((gy @ Bc) @ P if layer.left else (gy @ P) @ Bc)
+        return gx, gB, None
 
 
 class LoQTLinear(nn.Module):
-    """W = deq(Q) + s·B·P (left, n ≤ m) or deq(Q) + s·P·B (right): Q and P frozen buffers, B trains."""
+    """W = deq(Q) + s·B·P (left, n ≤ m) or deq(Q) + s·P·B (right): Q and P frozen buffers, B trains.
+
+    B is created in the dtype of the weight it replaces (the storage dtype)."""
 
     def __init__(self, linear, cfg):
         super().__init__()
@@ -229,25 +304,24 @@ class LoQTLinear(nn.Module):
         w = linear.weight.detach()
         self.W = QuantizedTensor(w, cfg.quantize_w, cfg.use_double_quant)  # Q
         self.P = QuantizedTensor(w.new_zeros((r, n) if self.left else (m, r)), cfg.quantize_projection_matrix)
-        self.B = nn.Parameter(w.new_zeros((m, r) if self.left else (r, n)).float())
+        self.B = nn.Parameter(w.new_zeros((m, r) if self.left else (r, n)))
         self.bias = linear.bias
-        self.grad_W = None  # float32 (m, n) while a refresh step accumulates ∂L/∂W, else None
+        self.collect_G = None  # the device G accumulates on during a refresh step, else None
+        self.grad_W = None  # G = ∂L/∂W, float32 (m, n), from the first backward of a refresh step to the refresh
+        self.stats = None  # (kept error, plain requantization error, skipped) of the last refresh, 0-dim tensors
 
-    def delta(self):
-        """ΔW = B·P (left) or P·B (right), float32, (m, n)."""
-        P = self.P.dequantize()
+    def delta(self, P=None):
+        """ΔW = B·P (left) or P·B (right), float32, (m, n); P: deq(P) if already at hand."""
+        P = self.P.dequantize() if P is None else P
         return self.B.float() @ P if self.left else P @ self.B.float()
 
-    def merged_weight(self):
-        return self.W.dequantize() + self.s * self.delta()
+    def merged_weight(self, P=None):
+        return self.W.dequantize() + self.s * self.delta(P)
 
     def forward(self, x):
-        if self.grad_W is not None and not x.requires_grad:  # no backward node means no dL/dW (USER_NEEDS §1.7)
-            x = x.detach().requires_grad_()
-        P, B = self.P.dequantize().to(x.dtype), self.B.to(x.dtype)
-        y = DequantLinear.apply(x, self)
-        low = F.linear(F.linear(x, P), B) if self.left else F.linear(F.linear(x, B), P)  # (…, m)
-        y = y + self.s * low
+        dev = x.device.type  # compute where nn.Linear would: the autocast dtype if autocast is on
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        y = LoQTMatmul.apply(x.to(dt), self.B, self)
         return y if self.bias is None else y + self.bias
 
 
@@ -261,10 +335,10 @@ def wrap(model, cfg, train=None):
         raise ValueError("--lora_r, --lora_alpha and --update_proj_gap must be positive and --increment_size >= 0")
     if cfg.compensate_quant_error_iterations < 0 or cfg.max_proj_gap < 0:
         raise ValueError("--compensate_quant_error_iterations and --max_proj_gap must be >= 0")
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and ("attn" in n or "attention" in n or "mlp" in n)]
-    for name in names:
-        lin = materialize(model, name)  # real weights for this layer only: the float32 model never exists
+    if cfg.adam8bit_embeddings and cfg.optimizer != "adam8bit":
+        raise ValueError("--adam8bit_embeddings needs --optimizer adam8bit")
+    for name in adapted_linear_names(model):
+        lin = materialize(model, name)  # real weights for this layer only: the full-precision model never exists
         if cfg.lora_r > min(lin.in_features, lin.out_features):
             raise ValueError(f"--lora_r {cfg.lora_r} exceeds the smaller side of {name} "
                              f"({lin.out_features}x{lin.in_features})")
@@ -273,16 +347,17 @@ def wrap(model, cfg, train=None):
     return model
 
 
+@torch.no_grad()
 def export(model, cfg):
-    """A plain GPT state dict: every LoQTLinear becomes `<name>.weight` = deq(Q) + s·ΔW (model untouched)."""
-    sd = model.state_dict()
-    with torch.no_grad():
-        for name, mod in model.named_modules():
-            if isinstance(mod, LoQTLinear):
-                sd = {k: v for k, v in sd.items() if not k.startswith(name + ".")}
-                sd[name + ".weight"] = mod.merged_weight().detach().clone()
-                if mod.bias is not None:
-                    sd[name + ".bias"] = mod.bias.detach().clone()
+    """A plain GPT state dict on the CPU: every LoQTLinear becomes `<name>.weight` = deq(Q) + s·ΔW in
+    B's (the storage) dtype, built on the device and moved to the CPU one layer at a time."""
+    adapted = {name: mod for name, mod in model.named_modules() if isinstance(mod, LoQTLinear)}
+    inside = tuple(name + "." for name in adapted)
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith(inside)}
+    for name, mod in adapted.items():
+        sd[name + ".weight"] = mod.merged_weight().to(mod.B.dtype).cpu()
+        if mod.bias is not None:
+            sd[name + ".bias"] = mod.bias.detach().cpu()
     return sd
 
 
@@ -310,7 +385,8 @@ class Adam8bit(torch.optim.Optimizer):
     """AdamW (decoupled weight decay) whose moments live in 8-bit blocks of 256 with float32 absmax.
 
     A parameter keeps float32 state when it has fewer than `min_8bit_size` elements or its group
-    says bits=32 (embeddings and lm_head, as bitsandbytes users are told to do)."""
+    says bits=32 (embeddings and lm_head, as bitsandbytes users are told to do). Parameters
+    without a gradient are skipped (--per_layer_updates steps one at a time)."""
 
     def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, min_8bit_size=4096):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bits=8))
@@ -328,28 +404,40 @@ class Adam8bit(torch.optim.Optimizer):
                     st["step"] = torch.zeros((), dtype=torch.float32)
                     if g["bits"] == 8 and p.numel() >= self.min_8bit_size:
                         st["numel"] = p.numel()
-                        set_moments(st, torch.zeros_like(p, dtype=torch.float32), torch.zeros_like(p, dtype=torch.float32))
-                    else:
-                        st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+                        set_moments(st, *[torch.zeros(p.numel(), device=p.device)] * 2)
+                    else:  # float32 whatever p's dtype, like bitsandbytes' 32-bit state
+                        st["exp_avg"], st["exp_avg_sq"] = (torch.zeros_like(p, dtype=torch.float32) for _ in range(2))
                 st["step"] += 1
-                t, grad = st["step"].item(), p.grad.float().flatten()
+                t, grad = st["step"], p.grad.float().flatten()  # t stays a tensor: no host sync, fake-tensor safe
                 m, v = (x.flatten() for x in get_moments(st))
                 m.mul_(b1).add_(grad, alpha=1 - b1)  # m ← β1·m + (1−β1)·g
                 v.mul_(b2).addcmul_(grad, grad, value=1 - b2)  # v ← β2·v + (1−β2)·g²
                 p.mul_(1 - lr * g["weight_decay"])
                 denom = (v / (1 - b2 ** t)).sqrt_().add_(g["eps"])
-                p.addcdiv_((m / (1 - b1 ** t)).view_as(p), denom.view_as(p), value=-lr)
+                p.add_((m / (1 - b1 ** t) / denom).view_as(p), alpha=-lr)
                 if "exp_avg" not in st:
                     set_moments(st, m, v)
         return None
 
+    def load_state_dict(self, state_dict):
+        """torch's loader casts every state tensor of a floating-point parameter to that parameter's
+        dtype (uint8 codes included); here each one keeps its saved dtype and moves to the device."""
+        super().load_state_dict({**state_dict, "state": {}})  # hyperparameters and group checks only
+        saved = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for i, p in zip(saved, [p for g in self.param_groups for p in g["params"]]):
+            if i in state_dict["state"]:
+                self.state[p] = {k: (v.clone() if k == "step" else v.to(p.device, copy=True)) if torch.is_tensor(v) else v
+                                 for k, v in state_dict["state"][i].items()}
+
 
 def make_optimizer(model, cfg, train):
-    """Groups: adapter factors and other matrices (weight decay), embeddings/lm_head (bits=32), vectors (no decay)."""
+    """Groups: adapter factors and other matrices (weight decay), embeddings/lm_head (bits=32 unless
+    --adam8bit_embeddings), vectors (no decay)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     full = lambda n: "embed" in n or "lm_head" in n  # noqa: E731
     groups = [{"params": [p for n, p in named if p.dim() >= 2 and not full(n)], "weight_decay": train.weight_decay},
-              {"params": [p for n, p in named if p.dim() >= 2 and full(n)], "weight_decay": train.weight_decay, "bits": 32},
+              {"params": [p for n, p in named if p.dim() >= 2 and full(n)], "weight_decay": train.weight_decay,
+               "bits": 8 if cfg.adam8bit_embeddings else 32},
               {"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     kw = dict(lr=train.lr, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps)
@@ -359,44 +447,64 @@ def make_optimizer(model, cfg, train):
 # ----------------------------------------------------------------------------- the refresh event
 
 
-def refresh_steps(cfg, num_training_steps):
-    """T_0 = 0, T_1 = τ, then gaps per --proj_gap_progression (METHODS.md §7.2); steps ≤ num_training_steps."""
-    tau, psi, steps, t, k = cfg.update_proj_gap, cfg.increment_size, [0], cfg.update_proj_gap, 0
+@functools.lru_cache(maxsize=16)
+def schedule(tau, progression, psi, max_gap, num_training_steps):
+    """(T_0, T_1, ...) ≤ num_training_steps and their frozenset, computed once per setting."""
+    steps, t, k, gap = [0], tau, 0, float(tau)
     while t <= num_training_steps:
         steps.append(t)
         k += 1
-        gap = {"static": tau, "linear": int(tau + k * psi), "exponential": tau + int(psi ** k)}[cfg.proj_gap_progression]
-        t += min(gap, cfg.max_proj_gap) if cfg.max_proj_gap else gap
-    return steps
+        if progression == "linear":
+            gap += psi  # summed in floating point, as the original
+            step_gap = int(gap)
+        else:
+            step_gap = tau if progression == "static" else tau + int(psi ** k)
+        t += min(step_gap, max_gap) if max_gap else step_gap
+    return tuple(steps), frozenset(steps)
+
+
+def refresh_steps(cfg, num_training_steps):
+    """T_0 = 0, T_1 = τ, then gaps per --proj_gap_progression; steps ≤ num_training_steps."""
+    return list(schedule(cfg.update_proj_gap, cfg.proj_gap_progression, cfg.increment_size, cfg.max_proj_gap,
+                         num_training_steps)[0])
 
 
 def step_start(step, model, cfg, train):
-    """On a refresh step, every layer starts accumulating ∂L/∂W (float32) over this update's micro-steps."""
-    if step in refresh_steps(cfg, train.num_training_steps):
+    """On a refresh step, every layer starts accumulating G = ∂L/∂W (on the host with --use_offloading)."""
+    args = cfg.update_proj_gap, cfg.proj_gap_progression, cfg.increment_size, cfg.max_proj_gap, train.num_training_steps
+    if step in schedule(*args)[1]:
         for layer in loqt_layers(model):
-            layer.grad_W = torch.zeros(layer.W.shape, device=layer.B.device)
+            layer.collect_G = torch.device(train.offload_device) if cfg.use_offloading else layer.B.device
 
 
 @torch.no_grad()
 def compensated_init(layer, W_fp, K):
-    """Q and B with deq(Q) + s·ΔW ≈ W_fp (§7.3): K rounds of LoftQ-style alternation, keep the best round.
+    """Q and B with deq(Q) + s·ΔW ≈ W_fp: K rounds of LoftQ-style alternation, keep the best round.
 
-    Returns (error of the kept round, error of plain requantization), both ‖W_fp − deq(Q) − s·ΔW‖_F."""
-    s, P = layer.s, layer.P.dequantize()
+    Returns (error of the kept round, error of plain requantization), both ‖W_fp − deq(Q) − s·ΔW‖_F,
+    as 0-dim tensors."""
+    s, left = layer.s, layer.left
+    if K == 0 or layer.W.kind == "none":  # plain requantization, B = 0
+        enc = layer.W.encode(W_fp)
+        err = (W_fp - layer.W.decode(enc)).norm()
+        layer.W.load_(enc)
+        layer.B.zero_()
+        return err, err
+    P = layer.P.dequantize()
     P_pinv = torch.linalg.pinv(P)  # P⁺ (n×r left, r×m right); = Pᵀ when P is orthonormal and unquantized
-    C, best, err0 = W_fp, None, None
-    for _ in range(max(K, 1)):
+    C = W_fp
+    for k in range(K):
         enc = layer.W.encode(C)  # Q_k = quant(C_{k-1})
         R = W_fp - layer.W.decode(enc)  # R_k = W_fp − deq(Q_k)
-        err0 = R.norm().item() if err0 is None else err0
-        if K == 0 or layer.W.kind == "none":
-            best = (0.0 if layer.W.kind == "none" else err0, enc, torch.zeros_like(layer.B))
-            break
-        B = R @ P_pinv / s if layer.left else P_pinv @ R / s  # B_k = R_k·P⁺/s  or  P⁺·R_k/s
-        dW = s * (B @ P if layer.left else P @ B)
-        err = (R - dW).norm().item()  # e_k = ‖W_fp − (deq(Q_k) + s·ΔW_k)‖_F
-        if best is None or err < best[0]:
-            best = (err, enc, B)
+        B = R @ P_pinv / s if left else P_pinv @ R / s  # B_k = R_k·P⁺/s  or  P⁺·R_k/s
+        dW = s * (B @ P if left else P @ B)
+        err = (R - dW).norm()  # e_k = ‖W_fp − (deq(Q_k) + s·ΔW_k)‖_F
+        if k == 0:
+            err0, best = R.norm(), (err, enc, B)
+        else:  # a tensor comparison, no Python branch: the first of equal errors wins, as with `<`
+            better = err < best[0]
+            best = (torch.where(better, err, best[0]), {n: torch.where(better, t, best[1][n]) for n, t in enc.items()},
+                    torch.where(better, B, best[2]))
         C = W_fp - dW  # C_k = W_fp − s·ΔW_k
     layer.W.load_(best[1])
     layer.B.copy_(best[2])
@@ -421,28 +529,66 @@ def adjust_optimizer_state(layer, optimizer, how, P_old, P_new):
 
 
 @torch.no_grad()
-def after_step(step, model, optimizer, cfg, train):
-    """Refresh: merge s·ΔW into Q, new P from SVD(G), error-compensated Q and B, Adam state of B."""
-    layers = [l for l in loqt_layers(model) if l.grad_W is not None]
-    if not layers:
-        return {}
+def refresh(layer, optimizer, cfg, train):
+    """One layer: merge s·ΔW, new P from SVD(G), error-compensated Q and B, B's Adam state; frees G."""
+    G = layer.grad_W.to(layer.B.device)  # one layer's G on the device (it may come from the host)
+    layer.grad_W = layer.collect_G = None
     ddp = dist.is_available() and dist.is_initialized()
-    errs, errs0 = [], []
+    if ddp:  # DDP reduces parameter grads only; G is ours to average (SUM: gloo has no AVG)
+        dist.all_reduce(G)
+        G /= dist.get_world_size()
+    skipped = torch.zeros(())
+    if train.dtype == "float16":  # the GradScaler skipped this step if G is not finite: skip the refresh too
+        ok = torch.isfinite(G).all()
+        G.nan_to_num_(0.0, 0.0, 0.0)  # an SVD that can run; its result is dropped below
+        st = optimizer.state.get(layer.B, {})
+        tensors = [*layer.W.buffers(), *layer.P.buffers(), layer.B]
+        before = [t.clone() for t in tensors], {k: v.clone() for k, v in st.items() if torch.is_tensor(v)}
+    P_old = layer.P.dequantize()
+    W_fp = layer.merged_weight(P_old)  # W_fp = deq(Q) + s·ΔW, float32 (m, n)
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)  # float32 SVD of the full gradient
+    layer.P.load_(layer.P.encode(Vh[:layer.r] if layer.left else U[:, :layer.r]))  # top-r right / left vectors
+    del G, U, S, Vh
+    for t in layer.P.buffers() if ddp else []:  # rank 0's P everywhere, even if SVDs differ in the last bit
+        dist.broadcast(t, 0)
+    err, err0 = compensated_init(layer, W_fp, cfg.compensate_quant_error_iterations)
+    for t in [*layer.W.buffers(), layer.B.data] if ddp else []:
+        dist.broadcast(t, 0)
+    adjust_optimizer_state(layer, optimizer, cfg.refresh_optimizer_state, P_old, layer.P.dequantize())
+    if train.dtype == "float16":
+        for t, old in zip(tensors, before[0]):
+            t.copy_(torch.where(ok, t, old))
+        for k, old in before[1].items():
+            st[k] = torch.where(ok, st[k], old)
+        skipped = (~ok).float()
+    norm = W_fp.norm().clamp_min(1e-30)
+    layer.stats = torch.stack([err / norm, err0 / norm, skipped.to(norm.device)])
+
+
+def param_step(step, p, model, optimizer, cfg, train):
+    """--per_layer_updates: B's gradient is complete, and with it its layer's G (LoQTMatmul). Step B
+    now (the only parameter with a gradient), refresh the layer and free G, so only one layer's G
+    ever exists; train.py's own step then finds no gradient on B."""
+    layer = next((l for l in loqt_layers(model) if l.B is p and l.grad_W is not None), None)
+    if layer is not None:
+        optimizer.step()
+        p.grad = None
+        refresh(layer, optimizer, cfg, train)
+
+
+@torch.no_grad()
+def after_step(step, model, optimizer, cfg, train):
+    """Refresh every layer that holds a G (all of them on a refresh step, unless param_step did), one at a time."""
+    layers = loqt_layers(model)
     for layer in layers:
-        G, layer.grad_W = layer.grad_W, None
-        if ddp:  # DDP reduces parameter grads only; G is ours to average (SUM: gloo has no AVG)
-            dist.all_reduce(G)
-            G /= dist.get_world_size()
-        W_fp = layer.merged_weight()  # W_fp = deq(Q) + s·ΔW, float32
-        P_old = layer.P.dequantize().clone()
-        U, S, Vh = torch.linalg.svd(G, full_matrices=False)  # float32 SVD of the full gradient
-        layer.P.load_(layer.P.encode(Vh[:layer.r] if layer.left else U[:, :layer.r]))  # left: top-r right vectors
-        for t in layer.P.buffers() if ddp else []:  # rank 0's P everywhere, even if SVDs differ in the last bit
-            dist.broadcast(t, 0)
-        err, err0 = compensated_init(layer, W_fp, cfg.compensate_quant_error_iterations)
-        for t in [*layer.W.buffers(), layer.B.data] if ddp else []:
-            dist.broadcast(t, 0)
-        adjust_optimizer_state(layer, optimizer, cfg.refresh_optimizer_state, P_old, layer.P.dequantize())
-        errs.append(err / (W_fp.norm().item() + 1e-30))
-        errs0.append(err0 / (W_fp.norm().item() + 1e-30))
-    return {"refresh": 1.0, "quant_err": sum(errs) / len(errs), "quant_err_uncompensated": sum(errs0) / len(errs0)}
+        if layer.grad_W is not None:
+            refresh(layer, optimizer, cfg, train)
+        layer.collect_G = None
+    done = [l for l in layers if l.stats is not None]
+    if not done:
+        return {}
+    stats = torch.stack([l.stats for l in done]).mean(0)
+    for l in done:
+        l.stats = None
+    out = {"refresh": 1.0, "quant_err": stats[0], "quant_err_uncompensated": stats[1]}
+    return {**out, "refresh_skipped": stats[2]} if train.dtype == "float16" else out
