@@ -253,7 +253,10 @@ def export(src, out_dir, dtype="float32", tokenizer=True, log=print):
     """Write the HF folder for `src` (model.pt or ckpt.pt) into out_dir; returns out_dir."""
     cfg, sd, tok_name = load_any(src)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    enc = load_tokenizer(tok_name) if tokenizer else None  # before writing anything
+    try:
+        enc = load_tokenizer(tok_name) if tokenizer else None  # before writing anything
+    except ValueError as e:
+        raise ValueError(f"{e}; or export the weights alone with --no_tokenizer") from None
     if enc is not None and enc.n_vocab != cfg.vocab_size:
         raise ValueError(f"{src}: tokenizer '{tok_name}' has {enc.n_vocab} tokens but the model {cfg.vocab_size}")
     eot = enc.eot_token if enc is not None else {"bytes": 256, "gpt2": 50256}.get(tok_name)
@@ -283,7 +286,7 @@ def main(argv=None):
 def cli(argv=None):
     try:
         main(argv)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: an unwritable out_dir, a full disk
         if os.environ.get("LOWRANK_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)

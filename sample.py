@@ -132,7 +132,7 @@ def main(argv=None, log=print):
 def cli(argv=None):
     try:
         main(argv)
-    except (ValueError, FileNotFoundError, train.TrainingError) as e:
+    except (ValueError, OSError, train.TrainingError) as e:
         if os.environ.get("LOWRANK_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
