@@ -8,8 +8,9 @@ Sample from a trained model, or evaluate it, without training.
 
 The file is read by export.load_any: a model.pt (the plain model written at the end of a run) or a
 method's ckpt.pt (rebuilt as train.py builds it and merged by the method's export()). The tokenizer
-is the one the file names (`bytes` for files older than that field; --tokenizer overrides it).
-A prompt is encoded after the end-of-text token, the way every training document starts.
+is the one the file names (older files without that field: `bytes` for a 257-token vocabulary,
+`gpt2` for 50257); --tokenizer overrides it. The prompt follows an end-of-text token, as each
+document follows one in the training stream (train.py's end-of-run sample starts there too).
 
 --eval scores the model on the fixed validation windows of a dataset (data.prepare, then
 TokenData.val_windows, then train.evaluate): with the run's --dataset, --dataset_tokens,
