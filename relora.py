@@ -21,38 +21,62 @@ one's momentum, and the learning rate follows a "jagged cosine": it drops to 0 a
 and re-warms linearly over w_r steps back onto one global cosine envelope. Warm-starting from a
 partly trained full-rank model (train.py --warmed_up_model) closes most of the remaining gap.
 
-Implementation details (METHODS.md §2)
---------------------------------------
+Modes
+-----
+- --storage_dtype float32 (default): W, A, B and the full-rank rest are float32; the forward runs
+  under --dtype autocast. --storage_dtype bfloat16 is the original's pure-bf16 model: W, A, B,
+  embeddings, norms and lm_head, and so their Adam moments, are all bf16. A and B stay bf16 on
+  purpose: at the ranks used at scale they are not small (r = 512 on llama_1b: r (m + n) is 40% of
+  the adapted weights), and float32 factors would lift the llama_1b peak from 7.9 to 12.4 GiB, level
+  with full-rank in bf16 (12.5). Merges are still summed in float32 and rounded once (point 4).
+- --per_layer_updates works unchanged: ReLoRA needs no hook before the optimizer step, so each
+  parameter is stepped as soon as its gradient is complete and the events run after the backward,
+  with the same result as ordinary updates (no clipping or accumulation in that mode).
+- --relora 0 is plain LoRA (point 9); --warmed_up_model is the paper's warm start (point 7).
+
+Implementation details
+----------------------
 1. Every nn.Linear whose name contains "attn", "attention" or "mlp" (q/k/v/o, gate/up/down)
-   becomes a ReLoRALinear. Embeddings, RMSNorm gains and lm_head stay full-rank and trainable
-   under the same AdamW (train.py's default optimizer), as in the original.
+   becomes a ReLoRALinear. Embeddings, RMSNorm gains and lm_head stay full-rank and trainable,
+   as in the original, under train.py's default AdamW: --weight_decay reaches the tensors with two
+   or more dimensions (A, B, embeddings, lm_head), not the RMSNorm gains; W is not in the optimizer.
 2. A ~ Kaiming-uniform(a = sqrt 5), i.e. U(-1/sqrt n, 1/sqrt n), B = 0: the wrapped model computes
    exactly the function of the plain one at wrap time. LoRA dropout (p = 0.1) acts on the
    adapter's input only.
-3. The events fire after the optimizer step of 0-based update t = k P (k >= 1); under
-   --scheduler cosine_restarts that step ran at LR 0 and t + 1 is the first re-warmup step. This is
-   the original's `(update_step - scheduler_start_step) % relora == 1` with update_step counted
-   after the increment. The merge follows --relora, the optimizer reset --cycle_length (= --relora
-   unless given), both only when --relora > 0.
-4. The merge is computed in float32 and written in place; A is re-drawn from a torch.Generator
-   seeded with (seed, t), so every DDP rank draws the same A and a resumed run the same as an
-   unbroken one. Parameters are never rebound: optimizer, DDP and compile keep pointing at them.
+3. The events fire after the optimizer step of 0-based update t = k P (k >= 1); under the jagged
+   cosine that step ran at LR 0 and t + 1 is the first re-warmup step. This is the original's
+   `(update_step - scheduler_start_step) % relora == 1` with update_step counted after the
+   increment. The merge follows --relora, the optimizer reset --cycle_length (= --relora unless
+   given), both only when --relora > 0.
+4. The merge adds s B A to a float32 copy of W (float64 for a float64 model) and writes it back in
+   W's dtype, so a bf16 W is rounded once. A is drawn on the CPU from a torch.Generator seeded
+   with (seed, t) and copied to W's device: every DDP rank, every device and a resumed run draw
+   the same A. Parameters are never rebound: optimizer, DDP and compile keep pointing at them.
 5. The optimizer reset touches only trainable parameters named "lora_*", and in their Adam state
    only the tensors shaped like the parameter (exp_avg, exp_avg_sq). Adam's `step` is NOT reset.
    Modes (exactly one, else a ValueError): --reset_optimizer_on_relora (zero), or
-   --optimizer_random_pruning p (zero each entry with probability p, mask from the (seed, t)
-   generator), or --optimizer_magnitude_pruning p (per tensor, keep the n - round(p n) entries
-   of largest magnitude).
-6. --scheduler cosine_restarts (with w0 = --warmup_steps, w_r = --restart_warmup_steps,
-   P = --cycle_length, T = --num_training_steps, rho = --min_lr_ratio,
-   env(x) = rho + (1 - rho) (1 + cos(pi x)) / 2):
+   --optimizer_random_pruning p (zero each entry with probability p, mask drawn on the CPU from the
+   (seed, t) generator), or --optimizer_magnitude_pruning p (per tensor, keep the n - round(p n)
+   entries of largest magnitude). No event reads a tensor into Python (the logged fraction is a
+   0-dim tensor), so memory.py runs them on fake tensors.
+6. --scheduler cosine_restarts, ReLoRA's default here (TRAIN_DEFAULTS; cosine, linear or constant
+   give train.py's), with w0 = --warmup_steps, w_r = --restart_warmup_steps, P = --cycle_length,
+   else --relora, T = --num_training_steps, rho = --min_lr_ratio and
+   env(x) = rho + (1 - rho) (1 + cos(pi x)) / 2:
        t < w0:                 lambda = t / w0
        t >= P, t mod P < w_r:  lambda = (t mod P) / w_r * env((floor(t/P) P + w_r - w0) / (T - w0))
        otherwise:              lambda = env((t - w0) / (T - w0))
-   T must be divisible by P and w0 <= P (the original's checks), else a ValueError.
-7. Warm start: train.py --warmed_up_model loads a plain model.pt; the step counter, schedule and
-   optimizer start from 0, as the original's scheduler_start_step does.
-8. export() returns plain weights W + s B A (float32 merge), the state dict of model.GPT.
+   T must be a multiple of P and w0 <= P (the original's checks), else a one-line ValueError that
+   names run lengths and periods that work. Without a period (--relora 0, no --cycle_length) there
+   is no restart and lambda is train.py's cosine.
+7. Warm start: train.py --warmed_up_model loads a plain model.pt, which records the updates it
+   trained (`steps`). The step counter, the schedule and the optimizer start from 0 and
+   --num_training_steps counts the ReLoRA updates only, but update t trains on the batch of data
+   step `steps` + t: the data continue after the warm-up's (across --autoresume too). The original
+   also builds a fresh scheduler and skips the consumed batches, but keeps counting its update
+   step from the warm-up's value.
+8. export() returns the plain GPT state dict on the CPU, W + s B A for each adapted layer, built
+   on the device and moved to the CPU one layer at a time (a 7B model exports on a 24 GB GPU).
 9. Plain LoRA is ReLoRA without restarts: --relora 0 (no merge, no reset; W is still kept frozen
    and W_T - W_0 = s B A has rank <= r). A --relora larger than the run gives the same result.
 
@@ -66,22 +90,27 @@ Deviations from the official code, and why
   instead (exact zeros broke ZeroRedundancyOptimizer's state dicts, which we do not use).
 - Magnitude pruning keeps an exact count via topk; the original thresholds at torch.quantile,
   which refuses tensors above 2**24 elements and keeps fewer than requested when values tie.
-- Merges are computed in float32 (the original adds the delta in the model dtype, bf16).
+- Merges are summed in float32; the original adds s B A in the model dtype (bf16), rounding it more than once.
+- Weight decay skips 1-D tensors (train.py's default optimizer, nanoGPT's rule: decaying the norm
+  gains pulls them to 0); the original's AdamW decays every trainable tensor (its default
+  --weight_decay is 0; the 1B config uses 0.01).
+- After a warm start --num_training_steps counts the ReLoRA phase only (the original counts the
+  warm-up too), so events and schedule start aligned at 0 and --adjust_step is not needed.
 - Restart randomness comes from a (seed, step) generator, not from lockstep global RNGs.
 - Not implemented: --train_scaling (a learnable s = tanh(sigma) re-zeroed at every restart,
-  which with B = 0 gets no gradient), 4-bit quantised W, --adjust_step (not needed: our warm start
-  restarts the step counter at 0, so schedule and events are aligned by construction),
-  ZeroRedundancyOptimizer.
+  which with B = 0 gets no gradient), 4-bit quantised W, --adjust_step, ZeroRedundancyOptimizer.
 
 Some warnings
 -------------
-- Adam's step counter survives the reset, so bias correction is ~1 right after it and the first
-  steps of a new adapter are 3-6.6x larger than at steady state (USER_NEEDS.md §2.1). Use
-  --scheduler cosine_restarts: with train.py's default `cosine` the resets happen at a high LR.
-  The paper's ablation (Table 6) diverged with restarts + reset but no jagged schedule.
+- Adam's step counter survives the reset, so bias correction is ~1 right after it: for a steady
+  gradient the k-th step of a new adapter is (1 - beta1^k) / sqrt(1 - beta2^k) times the usual,
+  3.2x at k = 1 and up to 6.6x near k = 12 (betas 0.9, 0.999). Hence the jagged cosine, the
+  default: with train.py's plain `cosine` the resets happen at a high LR, and the paper's ablation
+  (Table 6) diverged with restarts and resets but no jagged schedule.
 - W stays a full-size frozen tensor: the memory saved is gradients and Adam state of W only.
 - With dropout > 0 the adapter output is stochastic in train mode; merge invariance holds for
-  eval mode (or dropout 0).
+  eval mode (or dropout 0). In bf16 storage it holds to bf16 rounding: a merge moves the logits
+  less than bf16 computation itself does (tests/test_relora.py).
 - The paper's recipe needs a full-rank warm start; from scratch ReLoRA lands close to LoRA.
 - On `tiny` (h = 128, r = 32) the adapter matmuls cost about what the skipped dW saves, and the
   extra small ops and dropout make a step slower than full-rank; ReLoRA saves memory (no gradient
@@ -90,19 +119,43 @@ Some warnings
 Logged at each event: method/relora_merges (merges so far) and method/optimizer_zeroed_frac (the
 fraction of LoRA Adam entries that are zero after the reset; 1.0 for the exact reset).
 
+Memory
+------
+Peak of one update with a merge and a reset (memory.py: fake tensors, one sequence of 256 tokens,
+vocabulary 32000, GiB), full-rank vs ReLoRA in the same storage dtype:
+
+    python memory.py --methods full,relora --model_config llama_1b --ranks paper --warmup_steps 1 \
+        [--storage_dtype bfloat16] [--per_layer_updates --grad_clipping 0]
+    python memory.py --methods full,relora --model_config llama_7b --method_args "relora=--lora_r 1024" ...
+
+                              float32 storage            bfloat16 storage
+                              full    ReLoRA             full    ReLoRA
+    llama_1b, r 512           25.0    15.9 (0.64x)       12.5     7.9 (0.64x)
+      per-layer updates       18.4    16.0 (0.87x)        8.3     6.8 (0.82x)
+    llama_1b, r 128           25.0    11.2 (0.45x)       12.5     4.6 (0.37x)
+    llama_7b, r 1024         125.5    76.7 (0.61x)       62.8    38.4 (0.61x)
+      per-layer updates       90.1    76.3 (0.85x)       39.6    30.7 (0.77x)
+
+The paper reports up to 5.5 GB saved per GPU at 1.3B; here full minus ReLoRA at llama_1b in bf16
+is 7.8 GiB at r = 128 and 4.6 GiB at r = 512 (at this batch, activations are negligible; they
+count the same in both). With float32 storage the ReLoRA peak sits in the backward, where autocast
+holds bf16 copies of the frozen W for the input gradients. (--warmup_steps 1: the forced event has
+a restart period of 1, which the first warmup must fit.)
+
 Usage
 -----
-    python train.py --method relora --scheduler cosine_restarts             # ReLoRA from scratch
+    python train.py --method relora                                      # ReLoRA from scratch, jagged cosine
     python train.py --method full --num_training_steps 100 --save_dir out/warm   # warm start ...
-    python train.py --method relora --scheduler cosine_restarts --warmed_up_model out/warm/model.pt
-    python train.py --method relora --relora 0                              # plain LoRA
+    python train.py --method relora --warmed_up_model out/warm/model.pt  # ... then ReLoRA on the next batches
+    python train.py --method relora --relora 0                           # plain LoRA
+    python train.py --method relora --storage_dtype bfloat16             # the original's pure bf16
 
 Defaults: paper (250M README / 1B yaml) vs here (for the `tiny` preset, 500 updates)
     lora_r 128 -> 32, lora_alpha 32 -> 32 (s = 0.25 -> 1), lora_dropout 0.1 -> 0.1,
     relora 5000 / 1000 -> 100, cycle_length = relora, restart_warmup_steps 100 -> 10,
+    scheduler cosine_restarts (the README's command) -> the same, by default,
     reset_optimizer_on_relora True (README; the 1B yaml: False + magnitude pruning 0.8).
 """
-
 import math
 from dataclasses import dataclass, field
 
@@ -149,7 +202,7 @@ class ReLoRALinear(nn.Module):
         self.weight = linear.weight  # W (m, n): the same Parameter object, now frozen
         self.weight.requires_grad_(False)
         self.bias = linear.bias  # stays trainable, as in the original
-        kw = dict(device=self.weight.device, dtype=self.weight.dtype)
+        kw = dict(device=self.weight.device, dtype=self.weight.dtype)  # bf16 storage: bf16 factors (Modes)
         self.lora_A = nn.Parameter(torch.empty(r, n, **kw))  # A (r, n)
         self.lora_B = nn.Parameter(torch.zeros(m, r, **kw))  # B (m, r)
         self.lora_dropout = nn.Dropout(lora_dropout)
@@ -302,6 +355,7 @@ def jagged_cosine(t, T, w0, wr, P, rho):
 
 
 def lr_multiplier(step, cfg, train):
+    """The jagged cosine under --scheduler cosine_restarts (checked at build, before any work); else None."""
     if train.scheduler != "cosine_restarts":
         return None  # train.py's own --scheduler
     P, T, w0, wr = cfg.cycle_length or cfg.relora, train.num_training_steps, train.warmup_steps, cfg.restart_warmup_steps
