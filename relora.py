@@ -76,7 +76,8 @@ Implementation details
    also builds a fresh scheduler and skips the consumed batches, but keeps counting its update
    step from the warm-up's value.
 8. export() returns the plain GPT state dict on the CPU, W + s B A for each adapted layer, built
-   on the device and moved to the CPU one layer at a time (a 7B model exports on a 24 GB GPU).
+   on the device and moved to the CPU one layer at a time: the device never holds more than one
+   extra layer, never a merged copy of the model.
 9. Plain LoRA is ReLoRA without restarts: --relora 0 (no merge, no reset; W is still kept frozen
    and W_T - W_0 = s B A has rank <= r). A --relora larger than the run gives the same result.
 
@@ -136,11 +137,13 @@ vocabulary 32000, GiB), full-rank vs ReLoRA in the same storage dtype:
     llama_7b, r 1024         125.5    76.7 (0.61x)       62.8    38.4 (0.61x)
       per-layer updates       90.1    76.3 (0.85x)       39.6    30.7 (0.77x)
 
-The paper reports up to 5.5 GB saved per GPU at 1.3B; here full minus ReLoRA at llama_1b in bf16
-is 7.8 GiB at r = 128 and 4.6 GiB at r = 512 (at this batch, activations are negligible; they
-count the same in both). With float32 storage the ReLoRA peak sits in the backward, where autocast
-holds bf16 copies of the frozen W for the input gradients. (--warmup_steps 1: the forced event has
-a restart period of 1, which the first warmup must fit.)
+The paper reports up to 5.5 GB saved per GPU at 1.3B (with its own batch); here full minus ReLoRA
+at llama_1b in bf16 is 7.8 GiB at r = 128 and 4.6 GiB at r = 512. One sequence keeps the
+activations small; a larger batch adds them to both (a little more to ReLoRA, whose adapter path
+saves its own inputs). With float32 storage the
+ReLoRA peak sits in the backward, where autocast holds bf16 copies of the frozen W for the input
+gradients. (--warmup_steps 1: the forced event has a restart period of 1, which the first warmup
+must fit.)
 
 Usage
 -----
