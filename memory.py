@@ -139,7 +139,10 @@ class FakeBatches:
 def configure(argv):
     """train.py's own command line, then the method's event forced on -> (TrainConfig, module, Config)."""
     tc, method, mc = train.parse_args(argv)
-    mc = dataclasses.replace(mc, **getattr(method, "EVENT_EVERY_UPDATE", {}))
+    event = getattr(method, "EVENT_EVERY_UPDATE", {})  # Config values, and train.py's where the event needs them
+    train_keys = {f.name for f in dataclasses.fields(tc)}
+    tc = dataclasses.replace(tc, **{k: v for k, v in event.items() if k in train_keys})
+    mc = dataclasses.replace(mc, **{k: v for k, v in event.items() if k not in train_keys})
     train.check_geometry(tc)
     if tc.dtype == "auto":
         tc.dtype = "bfloat16"  # what a current GPU runs

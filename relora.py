@@ -125,7 +125,7 @@ Memory
 Peak of one update with a merge and a reset (memory.py: fake tensors, one sequence of 256 tokens,
 vocabulary 32000, GiB), full-rank vs ReLoRA in the same storage dtype:
 
-    python memory.py --methods full,relora --model_config llama_1b --ranks paper --warmup_steps 1 \
+    python memory.py --methods full,relora --model_config llama_1b --ranks paper \
         [--storage_dtype bfloat16] [--per_layer_updates --grad_clipping 0]
     python memory.py --methods full,relora --model_config llama_7b --method_args "relora=--lora_r 1024" ...
 
@@ -140,10 +140,8 @@ vocabulary 32000, GiB), full-rank vs ReLoRA in the same storage dtype:
 The paper reports up to 5.5 GB saved per GPU at 1.3B (with its own batch); here full minus ReLoRA
 at llama_1b in bf16 is 7.8 GiB at r = 128 and 4.6 GiB at r = 512. One sequence keeps the
 activations small; a larger batch adds them to both (a little more to ReLoRA, whose adapter path
-saves its own inputs). With float32 storage the
-ReLoRA peak sits in the backward, where autocast holds bf16 copies of the frozen W for the input
-gradients. (--warmup_steps 1: the forced event has a restart period of 1, which the first warmup
-must fit.)
+saves its own inputs). With float32 storage the ReLoRA peak sits in the backward, where autocast
+holds bf16 copies of the frozen W for the input gradients.
 
 Usage
 -----
@@ -188,7 +186,7 @@ class Config:
 
 
 TRAIN_DEFAULTS = {"scheduler": "cosine_restarts"}  # the jagged cosine: restarts without it diverged (Table 6)
-EVENT_EVERY_UPDATE = {"relora": 1, "restart_warmup_steps": 1}  # a merge and a reset after every update
+EVENT_EVERY_UPDATE = {"relora": 1, "restart_warmup_steps": 1, "warmup_steps": 1}  # a merge and a reset every update
 
 
 # ----------------------------------------------------------------------------- the layer

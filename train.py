@@ -20,8 +20,8 @@ points in the module and falls back to the defaults when one is missing.
   Config                                   dataclass (required). Its fields become flags; a field's
                                            metadata may hold "help", "aliases" and "choices".
   TRAIN_DEFAULTS                           dict: the method's own defaults for train.py flags.
-  EVENT_EVERY_UPDATE                       dict of Config values that make the periodic event fire at
-                                           every update (bench.py --memory measures the event with it).
+  EVENT_EVERY_UPDATE                       dict of Config (or TrainConfig) values that make the periodic
+                                           event fire at every update (bench.py --memory measures it).
   wrap(model, cfg, train)                  in-place surgery before compile and DDP. The GPT arrives
                                            built on the meta device (nothing allocated): call
                                            `model.materialize(name)` on each layer just before replacing
