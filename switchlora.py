@@ -46,9 +46,10 @@ Implementation details:
     and optimizer.step(). The switch keeps the function, and the loss is bilinear in (A, B), so the
     gradients already computed are the exact gradients at the switched point for every vector except
     the counterparts, and those are the ones zeroed. optimizer.step() then takes a true gradient step.
+    (--per_layer_updates: the same per layer, inside the backward; see Modes.)
  9. Randomness: pools and init from a CPU torch.Generator seeded with (seed, layer name); the counts
-    and random candidates from a numpy Generator seeded with (seed, update, layer index). Every rank
-    draws the same, in any layer order, and resume needs no RNG state.
+    and random candidates from a numpy Generator seeded with (seed, update, layer index) (official:
+    numpy's global RNG). Every rank draws the same, in any layer order, and resume needs no RNG state.
 10. Bookkeeping is plain Python/numpy (pointers, checked-out indices, freeze counters, counts): no
     decision reads a tensor, so the event runs on fake tensors (memory.py). Pools are tensors, kept as
     attributes, not buffers (DDP broadcasts buffers at construction, which NCCL cannot do for CPU
@@ -65,7 +66,7 @@ Modes:
    compensates with the rounded value, so the function is kept. W's compensation is summed in float32
    and rounded to bf16 once per switch (a switch changes the logits by bf16 rounding only).
  - Candidate pools on train.offload_device (the CPU) by default; --no_offload_candidates keeps them
-   on the device (they are 1-2x the size of W).
+   on the device.
  - --per_layer_updates: each factor is stepped inside the backward as soon as both gradients of its
    layer exist: the first of A and B to arrive is held back (param_step) until the second arrives,
    then the layer switches, zeroes its counterparts' state and gradients, and both are stepped. W is
@@ -74,18 +75,21 @@ Modes:
 
 Memory: peak GiB of the most expensive update (the switch at every update), estimated by memory.py on
 fake tensors (checked against a real CPU run: --check on tiny and llama_9m agrees to 0.0%). r 256,
-micro-batch 1 x 256 tokens, vocabulary 32000; "host" is the offloaded pools:
+micro-batch 1 x 256 tokens, vocabulary 32000; host = the offloaded pools:
     python memory.py --methods full,switchlora --model_config llama_1b --method_args "switchlora=--lora_rank 256"
-    (and with --storage_dtype bfloat16, --model_config llama_7b)
-                          full-rank   SwitchLoRA        ratio
-    llama_1b  float32       24.96     12.39 (+7.1 host)  0.50x
-    llama_1b  bfloat16      12.49      7.05 (+3.6 host)  0.56x
-    llama_7b  float32      125.53     49.98 (+38.1 host) 0.40x
-    llama_7b  bfloat16      62.77     24.06 (+19.1 host) 0.38x
+    (and with --storage_dtype bfloat16, --model_config llama_7b, --per_layer_updates --grad_clipping 0)
+                         default order                 --per_layer_updates
+                         full-rank  SwitchLoRA  ratio  full-rank  SwitchLoRA  ratio   host
+    llama_1b  float32      24.96      12.39     0.50x    18.37      12.76     0.69x    7.1
+    llama_1b  bfloat16     12.49       7.05     0.56x     8.28       7.04     0.85x    3.6
+    llama_7b  float32     125.53      49.98     0.40x    90.11      50.72     0.56x   38.1
+    llama_7b  bfloat16     62.77      24.06     0.38x    39.59      24.08     0.61x   19.1
 The paper's abstract reports about 13% less memory than full-rank (LLaMA 1.3B) under its own
 setup; at micro-batch 1 the weights, gradients and Adam state dominate, and those are what
-SwitchLoRA shrinks. In float32 storage the peak is in the backward, where the bf16 autocast copies
-of the frozen W (saved for dL/dx) hold 2.3 GiB (1b) and 12 GiB (7b).
+SwitchLoRA shrinks. Per-layer updates free full-rank's large gradients but gain SwitchLoRA
+nothing (its gradients are small; the held factor and the pending compensations cost a little).
+In float32 storage the peak is in the backward, where the bf16 autocast copies of the frozen W
+(saved for dL/dx) hold 2.3 GiB (1b) and 12 GiB (7b).
 
 Deviations from the official code:
  - Clipping sees the gradient after the frozen slices are zeroed (official: clip, then zero); the norm
@@ -100,9 +104,10 @@ Deviations from the official code:
    columns of B), one larger for odd r while a column is frozen (adam_warm_step ≥ 2). Neither lets a
    pointer reach a frozen vector or A re-switch a row whose column is still frozen.
  - Weight decay follows train.py: 2-D tensors only (A, B, embeddings, lm_head); the official decays
-   every trainable tensor, the norm gains too. Both default to 0.
- - Adam is per parameter in float32 (bf16 storage: float32 for A and B, bf16 for the rest, as torch
-   AdamW does on bf16 tensors); bias corrections of A and B are float64 (official: float32 steps).
+   every trainable tensor, the norm gains too. Both default to 0; in both, decoupled decay still
+   shrinks a frozen vector (its gradient is zero, its weight is not).
+ - bf16: the official model is pure bf16, A, B and their Adam state included; here A and B stay
+   float32 (Modes). Bias corrections of A and B are float64 (official: float32 step tensors).
  - Not implemented: --switch_lora_drop (blended write-back, default 0), quantized W, rank estimation.
 
 Some warnings:
@@ -111,7 +116,6 @@ Some warnings:
  - A layer with min(m, n) ≤ r never switches (it is plain LoRA); neither does r = 1 (the two
    pointers coincide). In `tiny` every adapted layer has min(m, n) = 128, so r must be well below 128.
  - With --lora_dropout > 0 a switch (like any LoRA merge) keeps the function in eval mode only.
- - Decoupled weight decay still shrinks a frozen vector (as in the official code); the default is 0.
  - bf16 storage: every switch rounds all of W to bf16 once more (as in the official pure-bf16 runs).
  - Pools cost N_c·(m + n) values per layer (1-2x the size of W), on the CPU by default; they are
    in every checkpoint.
@@ -238,7 +242,8 @@ class SwitchLoRALinear(nn.Module):
     def merged_weight(self):
         """W + s·B·A, summed in at least float32, in W's dtype."""
         acc = torch.promote_types(self.weight.dtype, torch.float32)
-        return torch.addmm(self.weight.to(acc), self.lora_B.to(acc), self.lora_A.to(acc), alpha=self.scaling).to(self.weight.dtype)
+        merged = torch.addmm(self.weight.to(acc), self.lora_B.to(acc), self.lora_A.to(acc), alpha=self.scaling)
+        return merged.to(self.weight.dtype)
 
     @torch.no_grad()
     def fold(self):

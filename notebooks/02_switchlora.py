@@ -263,3 +263,8 @@ print(f"notebook run time: {time.time() - T_START:.0f}s")
 #   candidate usage.
 # - `--remain_switch_state` / `--adam_warm_step 0`: how much do the counterpart resets matter for loss?
 # - `--init_lora_type origin_lora` (Kaiming A, zero B) against the balanced SwitchLoRA init.
+# - `--storage_dtype bfloat16`: W, the pools and the embeddings in bf16 as in the original code, but $A$
+#   and $B$ kept in float32 (the file's docstring says why); each switch then rounds $W$ to bf16 once.
+# - Memory at paper scale, on fake tensors in about a minute:
+#   `python memory.py --methods full,switchlora --model_config llama_1b --method_args "switchlora=--lora_rank 256"`
+#   (the docstring's table: about half of full-rank's peak at llama_1b, the pools on the host).
