@@ -37,8 +37,9 @@ def batch(seed, B=3, T=10):
     return xy[:, :-1], xy[:, 1:]
 
 
-def setup(r=4, gap=3, rand_ratio=0.8, scale=1.0, steps=10, lr=1e-2, seed=0, weight_decay=0.0, dtype=torch.float64):
-    cfg = golore.Config(r=r, scale=scale, update_proj_gap=gap, rand_ratio=rand_ratio)
+def setup(r=4, gap=3, rand_ratio=0.8, scale=1.0, steps=10, lr=1e-2, seed=0, weight_decay=0.0, dtype=torch.float64,
+          factor_dtype="storage"):
+    cfg = golore.Config(r=r, scale=scale, update_proj_gap=gap, rand_ratio=rand_ratio, factor_dtype=factor_dtype)
     tc = train.TrainConfig(num_training_steps=steps, lr=lr, seed=seed, weight_decay=weight_decay)
     model = golore.wrap(tiny_gpt(seed, dtype), cfg, tc)
     return model, train.default_optimizer(model, tc), cfg, tc
@@ -294,11 +295,13 @@ def test_demo_galore_stalls_where_golore_converges():
 # ----------------------------------------------------------------------------- storage, fake tensors, export
 
 
-def test_bf16_storage_projection_keeps_the_function_to_bf16_tolerance():
-    """bf16 W and P, float32 R; the merge is computed in float32 and rounded once into W."""
-    model, opt, cfg, tc = setup(gap=3, lr=3e-2, dtype=torch.bfloat16)
+@pytest.mark.parametrize("factor_dtype", ["storage", "float32"])
+def test_bf16_storage_projection_keeps_the_function_to_bf16_tolerance(factor_dtype):
+    """bf16 W and P, R in bf16 or float32; the merge is computed in float32 and rounded once into W."""
+    model, opt, cfg, tc = setup(gap=3, lr=3e-2, dtype=torch.bfloat16, factor_dtype=factor_dtype)
     for layer in layers(model).values():
-        assert layer.weight.dtype == layer.proj.dtype == torch.bfloat16 and layer.factor.dtype == torch.float32
+        assert layer.weight.dtype == layer.proj.dtype == torch.bfloat16
+        assert layer.factor.dtype == (torch.float32 if factor_dtype == "float32" else torch.bfloat16)
     for step in range(3):
         update(model, opt, cfg, tc, step)
     golore.step_start(3, model, cfg, tc)
@@ -307,8 +310,9 @@ def test_bf16_storage_projection_keeps_the_function_to_bf16_tolerance():
     model.eval()
     with torch.no_grad():
         before = model(x)[0].float()
-    expected = {n: (l.weight.float() - cfg.scale * (l.factor @ l.proj.float() if l.right else l.proj.float() @ l.factor)
-                    ).bfloat16() for n, l in layers(model).items()}
+    expected = {n: (l.weight.float() - cfg.scale * (l.factor.float() @ l.proj.float() if l.right else
+                                                     l.proj.float() @ l.factor.float())).bfloat16()
+                for n, l in layers(model).items()}
     shift = max((l.merged_weight() - l.weight.float()).abs().max().item() for l in layers(model).values())
     golore.before_step(3, model, opt, cfg, tc)
     with torch.no_grad():
@@ -394,7 +398,7 @@ def test_resume_equals_unbroken_run_and_model_pt_is_the_wrapped_model(train_run,
 
 
 def test_bf16_storage_resume_is_exact(train_run, tmp_path):
-    """--storage_dtype bfloat16: W and P bf16, R and its AdamW state float32; stopped after the SVD
+    """--storage_dtype bfloat16: W, P, R and its AdamW state in bf16; stopped after the SVD
     projection at 2 and resumed through the random one at 4, the run ends bit for bit where an unbroken
     one does."""
     bf16 = RUN + ["--num_training_steps", "6", "--storage_dtype", "bfloat16", "--weight_decay", "0.1"]
@@ -403,7 +407,7 @@ def test_bf16_storage_resume_is_exact(train_run, tmp_path):
     train_run(*bf16, "--autoresume", save_dir=tmp_path / "b")
     ck_a, ck_b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
     dtypes = {k.rsplit(".", 1)[1]: v.dtype for k, v in ck_a["model"].items() if "self_attn.q_proj" in k}
-    assert dtypes == {"weight": torch.bfloat16, "proj": torch.bfloat16, "factor": torch.float32}
+    assert dtypes == {"weight": torch.bfloat16, "proj": torch.bfloat16, "factor": torch.bfloat16}
     for k, v in ck_a["model"].items():
         assert torch.equal(v, ck_b["model"][k]), k
     for k, st in ck_a["optimizer"]["state"].items():
