@@ -56,11 +56,12 @@ Modes.
   the model at r = h/4), so `--factor_dtype float32` is an option, not the default: it adds 8 bytes
   per entry of R (float32 R, its two moments, and the bf16 copy autocast keeps for the backward),
   llama_7b per-layer 26.4 -> 38.5 GiB (full-rank: 39.6). What bf16 R costs in precision: R sums up
-  to T AdamW steps from zero, and that sum in bf16 is off by 1% / 3% / 12% (T = 50 / 200 / 500, a
-  simulation with drift and noise), about what pure-bf16 GaLore makes of the same steps added to a
-  bf16 W (2% / 3% / 14%); on tiny, 300 updates with T = 50, val loss 1.5229 vs 1.5174 with float32
-  R. Merges, re-projections and injected gradients are computed in float32 and written back in
-  bf16, so W is rounded once per projection (pure-bf16 GaLore rounds it at every step).
+  to T AdamW steps from zero, and that sum in bf16 is off by 0.9% / 2.9% / 12.5% (T = 50 / 200 /
+  500; notebooks/03_golore, section 4), about what pure-bf16 GaLore makes of the same steps added
+  to a bf16 W (1.1% / 2.7% / 14.5%); on tiny, val loss 1.5229, and 1.5174 with float32 R (`python
+  train.py --method golore --storage_dtype bfloat16 --num_training_steps 300 [--factor_dtype
+  float32]`). Merges, re-projections and injected gradients are computed in float32 and written
+  back in bf16, so W is rounded once per projection (pure-bf16 GaLore rounds it at every step).
 
 Implementation details
 1. Which layers: every q/k/v/o and gate/up/down projection (`model.adapted_linear_names`); the
@@ -101,9 +102,9 @@ Deviations from the official code, and why
   Between projection steps the two are identical.
 - The original turns R's gradient off on projection steps; here R stays in the graph (detail 3).
 - W never enters the optimizer (the original lists it, with grad None); merges run in at least
-  float32 (the original merges into bf16 weights); R is float32 under bf16 storage. AdamW is
-  torch's (eps inside the bias correction, decay before the update), not the HF-style one; pass
-  --adamw_eps 1e-6 for the original's epsilon.
+  float32 (the original merges into bf16 weights). AdamW is torch's (eps inside the bias
+  correction, decay before the update), not the HF-style one; pass --adamw_eps 1e-6 for the
+  original's epsilon.
 - float16 with a GradScaler is refused: G is not part of the optimizer, so the scaler would not
   unscale it. Use bfloat16 or float32.
 
@@ -131,13 +132,14 @@ micro-batch 1 x 256, vocabulary 32000, bf16 compute, r 512 (llama_1b) and 1024 (
     python memory.py --methods full,golore --model_config llama_1b --method_args "golore=--rank 512" \
         [--storage_dtype bfloat16] [--per_layer_updates --grad_clipping 0]
 
-Without per-layer updates the peak is the end of a projection step's backward, every W's G alive.
+Without per-layer updates the peak is in before_step: every W's G is alive while the first layers
+merge and take their SVD; with them it is in the backward, one G at a time.
 GaLore's paper fits 7B in 24 GB with 8-bit Adam and per-layer updates. Here llama_7b, bf16 and
 per-layer, peaks at 26.4 GiB (28.4 GB): W 12.0 GiB, P 1.75, R 3.0 (the low-rank form's own tensor:
 GaLore adds its update to W directly), AdamW state in bf16 7.0 (6.0 of it R's; an 8-bit Adam would
 save about 3.5), the rest activations and transients. `--check` (the same two updates run for real
-on the CPU, measured by the allocator) agrees with the estimate to 0.0% on tiny and llama_9m, in
-all four modes.
+on the CPU, measured by the allocator) agrees with the estimate to 0.0% on tiny and llama_9m in all
+four modes, and on llama_60m (r 128) in float32 and in bf16 per-layer.
 
 Usage
     python train.py --method golore                       # tiny defaults: r 32, T 50, rand_ratio 0.8

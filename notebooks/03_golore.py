@@ -13,7 +13,9 @@
 #
 # In `golore.py` this is a layer $W_\text{eff} = W - s\,R\,P$ with $W$ and $P$ frozen and only
 # $R \in \mathbb{R}^{m\times r}$ trained (Adam on $R$ is exactly the GaLore step); at each projection
-# step $R$ is merged into $W$, $P$ is replaced and Adam's first moment is re-projected.
+# step $R$ is merged into $W$ and $P$ is replaced. A GoLore run (`rand_ratio < 1`) also re-projects
+# Adam's first moment into the new subspace, as the official GoLore code does; a GaLore run
+# (`rand_ratio >= 1`) leaves both moments as they are, as `galore_torch` does.
 #
 # **The problem.** $G = \nabla f + \xi$ is a *minibatch* gradient. Late in training $\nabla f$ is
 # small while the noise $\xi$ is not, so the top-$r$ SVD of $G$ picks a subspace where
@@ -27,7 +29,8 @@
 # random ones afterwards.
 #
 # Below: (1) the paper's counterexample with `golore.projected_adam_demo`, (2) what the two
-# projectors keep of a gradient, (3) a short `tiny`-LM run with the SVD→random switch marked.
+# projectors keep of a gradient, (3) a short `tiny`-LM run with the SVD→random switch marked,
+# (4) what storing $R$ in bf16 costs in precision.
 
 # %%
 import contextlib
@@ -91,8 +94,10 @@ for key in demo:
 
 # %% [markdown]
 # GaLore's loss sits on a plateau once the top-4 singular directions of the sampled gradient are the
-# noise block: from the switch to the end it does not move, while GoLore, with the same optimizer and
-# the same noisy gradients, keeps going down after its projector becomes random. The large-batch
+# noise block: from the switch to the end it barely moves (its first moment, left in the old
+# coordinates at each change as `galore_torch` leaves it, still nudges it a little), while GoLore,
+# with the same optimizer and the same noisy gradients, keeps going down after its projector
+# becomes random. The large-batch
 # SVD avoids the stall by paying for 256 gradient samples on each projection step.
 #
 # ## 2 · What each projector keeps
@@ -190,6 +195,45 @@ for name in ("GoLore", "GaLore"):
 # curves and the final validation losses printed above; with this few updates the run is far from
 # the late, noise-dominated regime where the toy shows GaLore stalling, so no ranking of GoLore
 # against GaLore on the LM should be read into a single short run.
+
+# %% [markdown]
+# ## 4 · bf16 storage: the precision of $R$
+# With `--storage_dtype bfloat16`, $R$ and its AdamW state are bf16 by default, as in the originals'
+# pure-bf16 runs (`--factor_dtype float32` keeps them in float32, 8 more bytes per entry of $R$:
+# at llama_7b, $r = 1024$, with per-layer updates 26.4 instead of 38.5 GiB, see `golore.py`).
+# $R$ starts at zero after each projection and sums up to $T$ AdamW steps; late in a cycle each step
+# is a small fraction of the sum, which bf16's 8-bit mantissa rounds. Below: the same $T$ AdamW steps
+# (gradients with a per-entry drift plus noise) summed into a bf16 tensor and into a float32 one,
+# for $R$ (starting at zero, lr $10^{-3}$) and for a pure-bf16 GaLore weight (starting at
+# $\mathcal{N}(0, 0.02^2)$, lr $0.01 \cdot$ scale $0.25$), as the relative error of the sum.
+
+# %%
+def bf16_sum_error(T, start, lr, n=4000 if FAST else 20000):
+    """‖Δ_bf16 - Δ_fp32‖ / ‖Δ_fp32‖ for Δ = the sum of T AdamW steps on the same gradients."""
+    mu = 0.3 * torch.randn(n, generator=torch.Generator().manual_seed(0))  # each entry's drift
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        p = torch.nn.Parameter(start.to(dtype, copy=True))
+        opt = torch.optim.AdamW([p], lr=lr, weight_decay=0.0)
+        noise = torch.Generator().manual_seed(1)
+        for _ in range(T):
+            p.grad = (mu + torch.randn(n, generator=noise)).to(dtype)
+            opt.step()
+        out[dtype] = p.detach().float() - start.to(dtype).float()
+    return ((out[torch.bfloat16] - out[torch.float32]).norm() / out[torch.float32].norm()).item()
+
+
+n = 4000 if FAST else 20000
+W0 = 0.02 * torch.randn(n, generator=torch.Generator().manual_seed(2))
+print(f"{'T':>4s} {'R from 0 (GoLore, bf16 R)':>27s} {'W (pure-bf16 GaLore)':>22s}")
+for T in (50, 200, 500):
+    print(f"{T:4d} {bf16_sum_error(T, torch.zeros(n), 1e-3):27.3f} {bf16_sum_error(T, W0, 2.5e-3):22.3f}")
+
+# %% [markdown]
+# Both lose a few percent of the update at $T = 200$ and about an eighth at $T = 500$ (the 7B
+# recipe's gap): bf16 $R$ is about as lossy as the originals' pure-bf16 GaLore, and
+# `--factor_dtype float32` is there for runs where that matters. The merge itself is computed in
+# float32 and rounds $W$ once per projection.
 
 # %%
 print(f"notebook run time: {time.time() - T_START:.0f}s")

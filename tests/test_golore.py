@@ -460,3 +460,11 @@ def test_two_ranks_agree_and_average_the_full_gradient(torchrun, train_run, tmp_
     ddp, one = rebuild(tmp_path / "ddp")[1]["model"], rebuild(tmp_path / "one")[1]["model"]
     for k, v in ddp.items():
         assert torch.allclose(v, one[k], atol=1e-4, rtol=0), k
+
+
+@pytest.mark.slow
+def test_two_ranks_agree_under_bf16_storage(torchrun, tmp_path):
+    """The same 2-process run with bf16 W, P and R: the ranks still hold identical weights after every update."""
+    torchrun(*RUN, "--storage_dtype", "bfloat16", "--check_ranks_every", "1", save_dir=tmp_path / "ddp")
+    records = [json.loads(l) for l in open(tmp_path / "ddp" / "metrics.jsonl")]
+    assert [r["method/proj_random"] for r in records if "method/proj_random" in r] == [0.0, 1.0]
