@@ -62,17 +62,17 @@ Implementation details
    do not have. before_step therefore clips each head's gradient (its factors in every layer
    and its replica copies; shared copies form one more group) to c/√G on its own, for G groups
    and c = --grad_clipping. The norm over all of them is then at most c, so train.py's clip
-   changes nothing; when all heads' norms are equal this is the global clip. train.py's
-   grad_norm is therefore the norm after this clip; the largest head norm before it is logged
-   as method/head_grad_norm_max.
+   changes nothing but for its guard (a common factor c/(c + 1e-6)); when all heads' norms are
+   equal this is the global clip. train.py's grad_norm is the norm after this clip; the largest
+   head norm before it is logged as method/head_grad_norm_max.
 9. Precision. W, the merged replica copies and the replica copies themselves (N embeddings: the
    largest tensors) are stored in --storage_dtype, like every method's embeddings. The factors
    A_h, B_h (hence their gradients and Adam moments) and the prev factors are float32 always:
    a factor entry is about 1/√r and the paper's LR is 0.05-0.1x the usual one, so bf16 factors
    (8 significant bits) would drop every Adam step; and the prev factors must be exact copies
-   of the factors, or after a merge every head would sit s·(B A − bf16(B) bf16(A)) away from W
+   of the factors, or every merge would add s·(B A − bf16(B) bf16(A)), a change no head made,
    with s = 128 in the paper. The official code also keeps float32 parameters under autocast
-   (lte/misc/common.py).
+   (lte/misc/common.py). Merges are computed in float32 (detail 3).
 10. `--per_layer_updates` works as is: each head tensor gets its gradient once per backward,
    and the merge runs in after_step. That mode runs without clipping, so param_step does nothing.
 11. `comm_bytes_per_step` counts the payload all-reduced per update (float32 tensor sizes,
@@ -102,17 +102,37 @@ Some warnings
 - Local mode under torchrun: ranks differ between merges, so use --check_ranks_every merge_iter
   (train.py skips its stop-time check on an interrupted run).
 
-Memory (python memory.py, peak of one update with a merge, sequence 256, vocabulary 32000):
-LTE adds memory by design. The heads' factors (N·r·(m+n) per linear, ≥ 2mn at the paper's
-N·r ≥ max(m, n)) with their float32 gradients and Adam moments, the prev factors, and the N
-embedding replicas (N·V·C) with theirs dominate; activations are a small part.
+Memory. LTE adds memory by design: N heads of factors, N·r·(m+n) numbers per linear (at least
+2mn once N·r >= max(m, n), the paper's heuristic), with their float32 Adam moments, the prev
+factors, and N embedding copies (N·V·C) with theirs. Peak GiB of one update ending with a merge,
+from `python memory.py --methods full,lte --model_config M --batch_size b [--storage_dtype
+bfloat16] [--per_layer_updates --grad_clipping 0] --method_args "lte=--num_heads N --lora_r 64"`
+(sequence 256, vocabulary 32000, bf16 autocast; "lean" adds --reset_lora --non_linear shared):
+                                  float32 storage           bfloat16 storage
+                                  full    lte    lte/full   full    lte    lte/full
+    llama_1b  N 4,  batch 4       25.00   18.00  0.72x      12.53   11.19  0.89x
+      per-layer updates           20.39   18.00  0.88x      10.05   11.19  1.11x
+    llama_1b  N 32, batch 32      41.69   92.44  2.22x      28.05   72.05  2.57x
+      lean                                58.45  1.40x              49.44  1.76x
+    llama_7b  N 4,  batch 4      125.57   62.83  0.50x      62.82   33.78  0.54x
+      per-layer updates           95.40   62.83  0.66x      43.93   33.78  0.77x
+    llama_7b  N 32, batch 32     146.88  240.77  1.64x      86.86  182.37  2.10x
+      lean                               166.05  1.13x             130.39  1.50x
+At N 32 the heads dominate: llama_1b, float32, holds weights 27.6 GiB (W 5.0, factors 7.4, prev
+7.4, embedding copies 7.8), Adam moments 30.4 (factors 14.8, copies 15.6) and activations 32.5
+(full-rank 24.8; of the extra 7.7, 7.4 are the bf16 copies of [A_h; A_h'] and [B_h, −B_h'] that
+autocast keeps for the backward). At N 4 LTE stays below full-rank because W has no gradient or moments.
+LTE's peak comes at the start of the backward, before any gradient exists, so --per_layer_updates
+does not lower it (its gradients are the small ones). The estimate matches a real CPU run to 0.0%
+(memory.py --check, llama_9m, both storage dtypes).
 
 Defaults: the paper's vs the ones here (for `tiny`: 4 layers, width 128, batch 16, lr 3e-3)
     paper/README: --num_heads 32 --lora_r 32 (main table 64) --lora_alpha 4096 --merge_iter 10, with
                   0.05-0.1x the usual LR; the library's LTEConfig: 1 head, r 8, alpha 16, merge every step
     here:         --num_heads 4 --lora_r 32 --lora_alpha 32 (s = 1) --merge_iter 10 at the usual LR
+    Default run (500 updates, python bench.py --methods full,lte): val loss 1.422 vs full-rank 1.364.
     Sweep on tiny, 200 updates, val loss (full-rank 1.859); N 4, r 32, merge 10, replica unless said
-    (measured before per-name seeded init and per-head clipping; the trends are what they show):
+    (measured with an earlier version: another init draw and a global clip; the trends, not the digits):
       alpha 8 / 16 / 32 / 64 / 128 / 256:      2.333 / 2.058 / 2.087 / 2.292 / 2.489 / 2.650
       alpha 32, merge_iter 1 / 5 / 10:         1.853 / 1.983 / 2.087   (merge 1 recovers full-rank)
       alpha 32, --reset_lora, merge 1 / 10:    2.241 / 2.112
