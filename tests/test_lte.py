@@ -1,6 +1,7 @@
-"""LTE (lte.py): heads on batch chunks, merges by averaging, mhlora, the reset variant, local mode.
+"""LTE (lte.py): heads on batch chunks, merges by averaging, mhlora, the reset variant, per-head
+clipping, bf16 storage, per-layer updates, fake tensors and export, local mode on two ranks.
 
-Float64 on a 2-layer width-16 model unless a test goes through train.py."""
+Float64 on a 2-layer width-16 model unless a test says otherwise or goes through train.py."""
 
 import copy
 
