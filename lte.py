@@ -138,6 +138,7 @@ Defaults: the paper's vs the ones here (for `tiny`: 4 layers, width 128, batch 1
       alpha 32, --reset_lora, merge 1 / 10:    2.241 / 2.112
       alpha 16, non_linear replica/shared/frozen: 2.058 / 2.107 / 2.200   (so: replica)
       alpha 16, 8 heads: 2.320;  mhlora (4 heads, alpha 16): 1.883
+      torchrun, 2 ranks, defaults: full 1.543, ddp 1.715, local 1.928, local + reset 2.079
     Communication per update vs full-rank DDP (comm_bytes_per_step, merge 10): tiny N 4 r 32: ddp
     1.66x, local 0.25x, local + reset 0.10x; llama_60m N 32 r 64: ddp 6.5x, local 0.73x, local + reset 0.10x.
 
