@@ -88,6 +88,8 @@ Deviations from the official code
 - The final merge after the last update (detail 3); reset zeroes the prev factors and the LoRA
   Adam state (the original's reset helper leaves prev stale and has no optimizer); clipping per
   head (detail 8; the original has no training loop); no LoRA bias (LLaMA has none).
+- --storage_dtype bfloat16 stores W and the replicas in bf16; the original keeps every parameter
+  float32 (detail 9 says what stays float32 here).
 
 Some warnings
 -------------
