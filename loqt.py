@@ -185,10 +185,8 @@ def nf4_code():
 
 def quantize_blockwise(x, kind, block):
     """x -> (idx uint8 (numel padded to the block), absmax float32 (blocks,)): idx = nearest level of x / absmax."""
-    flat = x.detach().float().flatten()
-    if flat.numel() % block:
-        flat = F.pad(flat, (0, -flat.numel() % block))
-    flat = flat.view(-1, block)
+    pad, flat = -x.numel() % block, x.float().reshape(-1)  # (a copy if x is not contiguous: SVD factors)
+    flat = (F.pad(flat, (0, pad)) if pad else flat).view(-1, block)  # (blocks, block)
     absmax = flat.abs().amax(1)
     mids = torch.tensor(MIDPOINTS[kind], device=x.device)
     idx = torch.bucketize(flat / absmax.clamp_min(1e-30)[:, None], mids, out_int32=True)  # nearest level
@@ -199,8 +197,8 @@ def dequantize_blockwise(idx, absmax, kind, numel):
     """levels·absmax, float32 (numel,). "4bit" idx are packed bytes: each one looks up its pair of levels.
     Temporaries: int32 indices and the float32 result, both of the padded size."""
     table = torch.tensor(NF4_PAIRS if kind == "4bit" else LEVELS[kind], device=idx.device)  # (256, 2) or (levels,)
-    out = table.index_select(0, idx.int()).view(absmax.numel(), -1)  # (blocks, block)
-    return out.mul_(absmax[:, None]).flatten()[:numel]
+    out = table.index_select(0, idx.int()).view(absmax.numel(), -1).mul_(absmax.unsqueeze(1))  # (blocks, block)
+    return out.view(-1) if out.numel() == numel else out.view(-1)[:numel]
 
 
 def pack4(idx):
@@ -408,15 +406,16 @@ class Adam8bit(torch.optim.Optimizer):
                     else:  # float32 whatever p's dtype, like bitsandbytes' 32-bit state
                         st["exp_avg"], st["exp_avg_sq"] = (torch.zeros_like(p, dtype=torch.float32) for _ in range(2))
                 st["step"] += 1
-                t, grad = st["step"], p.grad.float().flatten()  # t stays a tensor: no host sync, fake-tensor safe
+                t, grad = st["step"], p.grad.flatten()  # t stays a tensor: no host sync, fake-tensor safe
                 m, v = (x.flatten() for x in get_moments(st))
-                m.mul_(b1).add_(grad, alpha=1 - b1)  # m ← β1·m + (1−β1)·g
+                m.mul_(b1).add_(grad, alpha=1 - b1)  # m ← β1·m + (1−β1)·g, in float32 whatever g's dtype
                 v.mul_(b2).addcmul_(grad, grad, value=1 - b2)  # v ← β2·v + (1−β2)·g²
-                p.mul_(1 - lr * g["weight_decay"])
-                denom = (v / (1 - b2 ** t)).sqrt_().add_(g["eps"])
-                p.add_((m / (1 - b1 ** t) / denom).view_as(p), alpha=-lr)
                 if "exp_avg" not in st:
                     set_moments(st, m, v)
+                p.mul_(1 - lr * g["weight_decay"])
+                upd = v.sqrt().div_((1 - b2 ** t).sqrt()).add_(g["eps"])  # √v̂ + ε: the step's one float32 buffer
+                torch.div(m, upd, out=upd).mul_(lr / (1 - b1 ** t))  # lr·m̂/(√v̂ + ε), in place
+                p.sub_(upd.view_as(p))
         return None
 
     def load_state_dict(self, state_dict):
@@ -478,11 +477,11 @@ def step_start(step, model, cfg, train):
 
 
 @torch.no_grad()
-def compensated_init(layer, W_fp, K):
+def compensated_init(layer, W_fp, K, P=None):
     """Q and B with deq(Q) + s·ΔW ≈ W_fp: K rounds of LoftQ-style alternation, keep the best round.
 
-    Returns (error of the kept round, error of plain requantization), both ‖W_fp − deq(Q) − s·ΔW‖_F,
-    as 0-dim tensors."""
+    P: deq(P), if already at hand. Returns (error of the kept round, error of plain requantization),
+    both ‖W_fp − deq(Q) − s·ΔW‖_F, as 0-dim tensors."""
     s, left = layer.s, layer.left
     if K == 0 or layer.W.kind == "none":  # plain requantization, B = 0
         enc = layer.W.encode(W_fp)
@@ -490,22 +489,26 @@ def compensated_init(layer, W_fp, K):
         layer.W.load_(enc)
         layer.B.zero_()
         return err, err
-    P = layer.P.dequantize()
+    P = layer.P.dequantize() if P is None else P
     P_pinv = torch.linalg.pinv(P)  # P⁺ (n×r left, r×m right); = Pᵀ when P is orthonormal and unquantized
-    C = W_fp
+    C = W_fp  # besides W_fp, at most three m×n float32 buffers live at once (C or R, ΔW, quantization temporaries)
     for k in range(K):
         enc = layer.W.encode(C)  # Q_k = quant(C_{k-1})
-        R = W_fp - layer.W.decode(enc)  # R_k = W_fp − deq(Q_k)
+        del C
+        R = layer.W.decode(enc).neg_().add_(W_fp)  # R_k = W_fp − deq(Q_k)
         B = R @ P_pinv / s if left else P_pinv @ R / s  # B_k = R_k·P⁺/s  or  P⁺·R_k/s
-        dW = s * (B @ P if left else P @ B)
-        err = (R - dW).norm()  # e_k = ‖W_fp − (deq(Q_k) + s·ΔW_k)‖_F
+        dW = (B @ P if left else P @ B).mul_(s)  # s·ΔW_k
         if k == 0:
-            err0, best = R.norm(), (err, enc, B)
+            err0 = R.norm()
+        err = R.sub_(dW).norm()  # e_k = ‖W_fp − (deq(Q_k) + s·ΔW_k)‖_F
+        if k == 0:
+            best = (err, enc, B)
         else:  # a tensor comparison, no Python branch: the first of equal errors wins, as with `<`
             better = err < best[0]
             best = (torch.where(better, err, best[0]), {n: torch.where(better, t, best[1][n]) for n, t in enc.items()},
                     torch.where(better, B, best[2]))
-        C = W_fp - dW  # C_k = W_fp − s·ΔW_k
+        del R
+        C = dW.neg_().add_(W_fp)  # C_k = W_fp − s·ΔW_k, in ΔW's buffer
     layer.W.load_(best[1])
     layer.B.copy_(best[2])
     return best[0], err0
@@ -545,16 +548,17 @@ def refresh(layer, optimizer, cfg, train):
         tensors = [*layer.W.buffers(), *layer.P.buffers(), layer.B]
         before = [t.clone() for t in tensors], {k: v.clone() for k, v in st.items() if torch.is_tensor(v)}
     P_old = layer.P.dequantize()
-    W_fp = layer.merged_weight(P_old)  # W_fp = deq(Q) + s·ΔW, float32 (m, n)
     U, S, Vh = torch.linalg.svd(G, full_matrices=False)  # float32 SVD of the full gradient
     layer.P.load_(layer.P.encode(Vh[:layer.r] if layer.left else U[:, :layer.r]))  # top-r right / left vectors
-    del G, U, S, Vh
+    del G, U, S, Vh  # before W_fp exists: the two big moments of a refresh never overlap
     for t in layer.P.buffers() if ddp else []:  # rank 0's P everywhere, even if SVDs differ in the last bit
         dist.broadcast(t, 0)
-    err, err0 = compensated_init(layer, W_fp, cfg.compensate_quant_error_iterations)
+    W_fp = layer.merged_weight(P_old)  # W_fp = deq(Q) + s·B·P_old, float32 (m, n): Q and B are still the old ones
+    P_new = layer.P.dequantize()
+    err, err0 = compensated_init(layer, W_fp, cfg.compensate_quant_error_iterations, P_new)
     for t in [*layer.W.buffers(), layer.B.data] if ddp else []:
         dist.broadcast(t, 0)
-    adjust_optimizer_state(layer, optimizer, cfg.refresh_optimizer_state, P_old, layer.P.dequantize())
+    adjust_optimizer_state(layer, optimizer, cfg.refresh_optimizer_state, P_old, P_new)
     if train.dtype == "float16":
         for t, old in zip(tensors, before[0]):
             t.copy_(torch.where(ok, t, old))

@@ -221,13 +221,13 @@ def logits(model, x):
     return out
 
 
-@pytest.mark.parametrize("quantize_w,K,storage", [("4bit", 0, torch.float32), ("4bit", 3, torch.float32),
-                                                  ("8bit", 2, torch.float32), ("none", 0, torch.float32),
-                                                  ("4bit", 3, torch.bfloat16), ("none", 0, torch.bfloat16)])
+@pytest.mark.parametrize("quantize_w,K,storage", [("4bit", 0, "float32"), ("4bit", 3, "float32"), ("8bit", 2, "float32"),
+                                                  ("none", 0, "float32"), ("4bit", 3, "bfloat16"), ("none", 0, "bfloat16")])
 def test_refresh_changes_function_by_at_most_quantization_error(quantize_w, K, storage):
     """float32: the logits move no further than plainly requantizing every merged weight (x1.2), and
     not at all without quantization (1e-5). bfloat16 storage: the same bound plus bf16 rounding of
     the logits (2^-7 relative, what an unquantized bf16 refresh costs)."""
+    storage = getattr(torch, storage)
     model = tiny_gpt().to(storage)
     c = loqt.Config(lora_r=8, compensate_quant_error_iterations=K, quantize_w=quantize_w)
     loqt.wrap(model, c)
@@ -379,8 +379,9 @@ def test_wrap_identity_at_init_and_trainable_count():
     assert not any(b.requires_grad for b in model.buffers())
 
 
-@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
 def test_export_is_a_plain_cpu_state_dict_in_the_storage_dtype(storage):
+    storage = getattr(torch, storage)
     model = tiny_gpt().to(storage)
     loqt.wrap(model, loqt.Config(lora_r=8))
     for i, lay in enumerate(loqt.loqt_layers(model)):
@@ -439,7 +440,6 @@ def test_summary_bytes_nf4_and_adam8bit(train_run, tmp_path):
     a = train_run(*common, "--dtype", "bfloat16", save_dir=tmp_path / "a")["summary"]  # autocast path too
     assert a["val_loss"] < 6.0
     b = train_run(*common, "--optimizer", "adam8bit", "--use_double_quant", save_dir=tmp_path / "b")["summary"]
-    c = train_run(*common, "--optimizer", "adam8bit", "--adam8bit_embeddings", save_dir=tmp_path / "c")["summary"]
     r, h, f, L, V = 32, 128, 352, 4, 257
     adapted = L * (4 * h * h + 3 * h * f)
     factors, P = L * (4 * r * h + 3 * r * f), L * 7 * r * h  # B: r·max(m, n); P: r·min(m, n)
@@ -450,7 +450,6 @@ def test_summary_bytes_nf4_and_adam8bit(train_run, tmp_path):
     # adamw: float32 moments; adam8bit: factors' moments at ~1/4 of that; embeddings, lm_head, norms float32
     assert 0 <= a["optimizer_state_bytes"] - 8 * (factors + emb + norms) <= 4 * 64
     assert abs(b["optimizer_state_bytes"] - (2 * factors * (1 + 4 / 256) + 8 * (emb + norms))) <= 4 * 64 + 8 * 64
-    assert abs(c["optimizer_state_bytes"] - (2 * (factors + emb) * (1 + 4 / 256) + 8 * norms)) <= 4 * 64 + 8 * 64
 
 
 # ----------------------------------------------------------------------------- optimizer state at a refresh
@@ -543,6 +542,10 @@ def test_resume_exact_state_bytes_kept_and_model_pt_equals_wrapped(train_run, da
             "--adam8bit_embeddings", "--lora_r", "8", "--compensate_quant_error_iterations", "2", "--use_double_quant",
             "--eval_every", "100", "--storage_dtype", storage]
     full = train_run(*args, save_dir=tmp_path / "full")
+    # --adam8bit_embeddings: 8-bit moments for the embeddings and lm_head too (r = 8 factors are under 4096: float32)
+    r, h, f, L, V = 8, 128, 352, 4, 257
+    factors, emb, norms = L * (4 * r * h + 3 * r * f), 2 * V * h, (2 * L + 1) * h
+    assert abs(full["summary"]["optimizer_state_bytes"] - (8 * (factors + norms) + 2 * emb * (1 + 4 / 256))) <= 12 * 64
     train_run(*args, "--stop_at_step", "2", save_dir=tmp_path / "cut")  # refreshes at 0 before, 2 after the cut
     # resume through train.py's own stages: every optimizer state tensor keeps its dtype and bytes (8-bit codes too)
     saved = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["optimizer"]["state"]
@@ -571,12 +574,11 @@ def test_resume_exact_state_bytes_kept_and_model_pt_equals_wrapped(train_run, da
     torch.testing.assert_close(logits(plain, x), logits(wrapped, x), atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adam8bit"])
-def test_per_layer_updates_equal_the_ordinary_step(train_run, tmp_path, optimizer):
+def test_per_layer_updates_equal_the_ordinary_step(train_run, tmp_path):
     """--per_layer_updates steps and refreshes each layer inside the backward; float32 on the CPU the
     end weights equal the ordinary step's bit for bit (refreshes at updates 0, 2 and 4)."""
     args = ["--method", "loqt", "--grad_clipping", "0", "--num_training_steps", "5", "--update_proj_gap", "2",
-            "--proj_gap_progression", "static", "--optimizer", optimizer, "--lora_r", "8", "--eval_every", "100",
+            "--proj_gap_progression", "static", "--lora_r", "8", "--eval_every", "100",
             "--compensate_quant_error_iterations", "2"]
     a = train_run(*args, save_dir=tmp_path / "whole")
     b = train_run(*args, "--per_layer_updates", save_dir=tmp_path / "per_layer")
