@@ -25,7 +25,8 @@
 # Sections: (1) which rows of a batch reach which head, read off the real layers; (2) what a merge
 # does and does not change, numerically; (3) loss against the number of heads $N$ and the merge
 # interval $T$ (short `train.main` runs); (4) bytes communicated per update from
-# `lte.comm_bytes_per_step`, against full-rank DDP, for model presets up to `llama_1b`.
+# `lte.comm_bytes_per_step`, against full-rank DDP, for model presets up to `llama_1b`; (5) memory
+# at scale (`memory.py` on fake tensors) and why the heads stay float32 under bf16 storage.
 
 # %%
 import contextlib
@@ -85,11 +86,13 @@ print(f"{len(lte_linears)} LTELinear layers (lm_head included), {len(replicas)} 
 
 
 def train_steps(k, step0=0, merge=False):
-    """k AdamW updates on real batches, as train.py does them (clip 1.0, constant --lr)."""
+    """k AdamW updates on real batches, as train.py does them (LTE's per-head clip, then train.py's
+    global clip, which it leaves unchanged; constant --lr)."""
     model.train()
     for step in range(step0, step0 + k):
         x, y = data.batch(step, BATCH, BATCH)
         model(x, y)[1].backward()
+        lte.before_step(step, model, opt, cfg, tc)
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tc.grad_clipping)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -274,8 +277,8 @@ print(f"largest eval-loss change between merges: {between:.1e}; at merges: {min(
 print("eval loss right after each merge:", " ".join(f"{v:.3f}" for v, m in zip(ev_c, merged) if m))
 
 # %% [markdown]
-# In the full setting the evaluation loss right after the six merges reads 3.55, 3.69, 3.41, 3.38,
-# 3.34, 3.31: mostly down, but the merge at update 20 raised it. Averaging the heads is not
+# In the full setting the evaluation loss right after the six merges reads 3.42, 3.45, 3.41, 3.38,
+# 3.36, 3.34: mostly down, but the merge at update 20 raised it. Averaging the heads is not
 # guaranteed to help, and the heads' own losses (2 sequences each per update here) are much noisier
 # than the staircase.
 #
@@ -346,11 +349,11 @@ plt.show()
 # %% [markdown]
 # In the committed full-setting run (tiny model, 100 updates of 512 tokens, one seed, so
 # differences below ~0.1 are within noise):
-# - **merge interval** matters most: $T = 1, 10, 50$ give about 2.73, 2.91, 3.21. Merging every
-#   update ($N = 4$) lands on full-rank's loss (2.73); at $T = 50$ the evaluation model changes only
-#   twice (the flat start of its curve is the staircase of section 2);
-# - **number of heads** at $T = 10$ moves the loss by less than 0.1 and not monotonically
-#   ($N = 1, 2, 4$: about 2.86, 2.81, 2.91) although each head sees $16/N$ sequences per update;
+# - **merge interval** matters most: $T = 1, 10, 50$ give about 2.81, 2.93, 3.12 against
+#   full-rank's 2.69. Merging every update ($N = 4$) comes closest; at $T = 50$ the evaluation
+#   model changes only twice (the flat start of its curve is the staircase of section 2);
+# - **number of heads** at $T = 10$ moves the loss by about 0.15 and not monotonically
+#   ($N = 1, 2, 4$: about 2.79, 2.95, 2.93) although each head sees $16/N$ sequences per update;
 # - LTE steps cost more CPU time than full-rank steps here (the seconds column): $N$ heads of
 #   factors, their prev copies and the replicas all run on every token.
 #
@@ -439,6 +442,66 @@ plt.tight_layout()
 plt.show()
 for n, (a, f, c) in zip(HEAD_SWEEP, local_by_n):
     print(f"N={n:3d}: reset-less {a / 2**20:6.2f} MiB ({a / f:.2f} of full DDP), reset {c / 2**20:.2f} MiB")
+
+# %% [markdown]
+# ## 5 · Memory at scale, and what stays float32
+#
+# LTE adds memory by design: every linear carries $N$ heads of factors ($N r (m+n)$ numbers, at
+# least $2mn$ once $N r \ge \max(m, n)$, the paper's heuristic), their gradients and Adam moments,
+# the prev factors, and $N$ copies of the embedding. `memory.estimate` runs train.py's own build and
+# two updates (the second ends with a merge: `lte.EVENT_EVERY_UPDATE`) on fake tensors and reports
+# the peak of one update on a GPU, split by kind. Full-rank and two LTE settings at the same batch:
+# $N = 4$ heads of rank 64 at batch 4, and the paper's $N = 32$ at batch 32 (one sequence per head).
+# `llama_350m` here (the file's docstring has `llama_1b` and `llama_7b`); with `FAST`, `tiny` at batch 4.
+
+# %%
+import memory
+
+MEM_PRESET, VOCAB = ("tiny", 257) if FAST else ("llama_350m", 32000)
+settings = {"full, batch 4": ("full", 4, []), "lte N=4 r=64, batch 4": ("lte", 4, ["--num_heads", "4", "--lora_r", "64"]),
+            "full, batch 32": ("full", 32, []), "lte N=32 r=64, batch 32": ("lte", 32, ["--num_heads", "32", "--lora_r", "64"])}
+if FAST:
+    settings = dict(list(settings.items())[:2])
+est = {}
+for label, (method, batch, extra) in settings.items():
+    est[label] = memory.estimate(["--method", method, "--model_config", MEM_PRESET, "--batch_size", str(batch),
+                                  "--max_length", "256"] + extra, vocab_size=VOCAB)
+kinds = ["weights", "optimizer", "activation", "grad", "temp"]
+fig, ax = plt.subplots(figsize=(7.5, 3.4))
+left = np.zeros(len(est))
+for k in kinds:
+    vals = np.array([r[k + "_bytes"] / 2**30 for r in est.values()])
+    ax.barh(range(len(est)), vals, left=left, label=k)
+    left += vals
+ax.set_yticks(range(len(est)), list(est)), ax.invert_yaxis()
+ax.set(xlabel="GiB at the peak (estimated, float32 storage, bf16 autocast)", title=f"{MEM_PRESET}: peak of one update")
+ax.legend(fontsize=7)
+fig.tight_layout()
+plt.show()
+for label, r in est.items():
+    print(f"{label:>24s}: peak {r['peak_bytes'] / 2**30:6.2f} GiB in {r['peak_phase']:>9s}; trainable {r['trainable_params'] / 1e6:7.0f}M"
+          + "".join(f" | {k} {r[k + '_bytes'] / 2**30:.2f}" for k in kinds))
+
+# %% [markdown]
+# At $N = 4$ the heads are cheap and the peak sits near full-rank's (1.1x here; below it at
+# `llama_1b` and `llama_7b`, where W's own gradient and moments weigh more); at the paper's
+# $N = 32$ the factors, the prev factors, the 32 embedding copies and their Adam moments outweigh
+# the model itself (2.5x), and the activations grow too: under autocast every layer keeps a bf16 copy of its
+# $[A; A']$ and $[B, -B']$ for the backward. `--reset_lora` drops the prev factors and
+# `--non_linear shared` the embedding copies.
+#
+# Under `--storage_dtype bfloat16` W and the embedding copies are stored in bf16, but the factors stay
+# float32. The reason in one cell: a factor entry is about $1/\sqrt{r}$, and the paper trains with
+# 0.05-0.1x the usual LR, so an Adam step (about `lr` per entry) is below half a bf16 ulp of most
+# entries: in bf16 only the smallest entries of $A$ would move at all.
+
+# %%
+A0 = lte.semi_orthogonal(4, 32, 128, torch.Generator().manual_seed(0)).float()  # 4 heads, r 32, n 128
+step = 1e-4 * torch.randn(A0.shape, generator=torch.Generator().manual_seed(1)).sign()  # one Adam step at lr 1e-4
+for dt in (torch.float32, torch.bfloat16):
+    A = A0.to(dt)
+    moved = ((A + step.to(dt)) != A).float().mean().item()
+    print(f"{str(dt):>15s}: |A| median {A0.abs().median():.3f}; entries that move under a 1e-4 step: {100 * moved:5.1f}%")
 print(f"notebook run time {time.time() - T_START:.0f}s (FAST={FAST})")
 
 # %% [markdown]
@@ -450,3 +513,5 @@ print(f"notebook run time {time.time() - T_START:.0f}s (FAST={FAST})")
 # - Real workers: `torchrun --nproc-per-node 2 train.py --method lte --mode local --check_ranks_every 10`,
 #   reading `method/comm_MB` in `metrics.jsonl`.
 # - `--non_linear shared` or `frozen` to drop the $N$ embedding replicas on a large vocabulary.
+# - Memory at your scale: `python memory.py --methods full,lte --model_config llama_1b --batch_size 32
+#   --method_args "lte=--num_heads 32 --lora_r 64 --reset_lora --non_linear shared"` (add `--storage_dtype bfloat16`).
