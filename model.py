@@ -2,7 +2,7 @@
 A LLaMA-style GPT language model, all of it in this one file.
 
 This is the model the five low-rank pre-training papers train (ReLoRA, SwitchLoRA, GaLore/GoLore,
-LoQT all use the HF LLaMA modelling file; see METHODS.md §1):
+LoQT all train a copy of Hugging Face's LLaMA modelling file, `modeling_llama.py`):
   - RMSNorm (eps 1e-6) before attention and before the MLP, and once more before the head
   - rotary position embeddings (RoPE) on queries and keys
   - causal attention through F.scaled_dot_product_attention
@@ -122,7 +122,8 @@ class GPTConfig:
     tie_embeddings: bool = False
 
 
-# (hidden h, intermediate f, layers L, heads, max_seq_len): the original configs (METHODS.md §9)
+# (hidden h, intermediate f, layers L, heads, max_seq_len): the configs/*.json of the original repos
+# (Guitaricet/relora, jiaweizzhao/GaLore; llama_13b from sebulo/LoQT)
 PRESETS = {
     "tiny": (128, 352, 4, 4, 256),  # ~0.87M params with the 257-token byte vocabulary: the CPU default
     "llama_9m": (128, 352, 4, 4, 1024),
@@ -323,7 +324,7 @@ def adapted_linear_names(model):
 
 
 def count_params_formula(cfg: GPTConfig):
-    """Closed form (METHODS.md §9): L·(4h² + 3h·f + 2h) + 2·V·h + h (untied)."""
+    """Closed form: L·(4h² + 3h·f + 2h) + 2·V·h + h (untied; + V·h fewer when tied)."""
     h, f, L, V = cfg.n_embd, cfg.intermediate_size, cfg.n_layer, cfg.vocab_size
     return L * (4 * h * h + 3 * h * f + 2 * h) + (1 if cfg.tie_embeddings else 2) * V * h + h
 

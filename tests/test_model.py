@@ -14,7 +14,7 @@ def test_param_count_matches_closed_formula(name):
 
 
 def test_preset_sizes_match_the_papers_table():
-    # METHODS.md §9 (vocabulary 32100): llama_60m 58.2M, llama_130m 134.3M, llama_1b 1339.5M
+    # the sizes the papers quote for the original configs (vocabulary 32100, untied)
     for name, millions in (("llama_60m", 58.2), ("llama_130m", 134.3), ("llama_1b", 1339.5), ("llama_7b", 6739.2)):
         assert abs(count_params_formula(get_config(name, 32100)) / 1e6 - millions) < 0.1
 
