@@ -1,8 +1,8 @@
 """
 LoQT: Low-Rank Adapters for Quantized Pretraining.
 Sebastian Loeschcke, Mads Toftrup, Michael J. Kastoryano, Serge Belongie, Vésteinn Snæbjarnarson.
-NeurIPS 2024, arXiv:2405.16528; official code github.com/sebulo/LoQT (GaLore, arXiv:2403.03507,
-for the projector).
+NeurIPS 2024, arXiv:2405.16528; official code github.com/sebulo/LoQT. The projector is GaLore's
+(arXiv:2403.03507), the 4-bit code QLoRA's NF4 (arXiv:2305.14314).
 
 The idea. Each adapted linear keeps a quantized, frozen full weight Q, a frozen projector P from
 the SVD of the gradient, and one small trainable factor B:
@@ -13,62 +13,66 @@ the SVD of the gradient, and one small trainable factor B:
 with s = --lora_alpha itself (not α/r) and G = ∂L/∂W. P sits on the smaller side, so B and its
 Adam state are r × max(m, n). At refresh steps T_0 = 0 < T_1 < ... (growing gaps) s·ΔW is merged
 into Q, Q is requantized, P is recomputed from that step's G, and B is re-initialised so that
-deq(Q) + s·ΔW reproduces the merged weight up to the quantization error (paper §3, Alg. 1). Like
-GaLore, training walks through gradient subspaces; unlike GaLore, the full weight never exists in
-16/32 bits.
+deq(Q) + s·ΔW reproduces the merged weight up to the quantization error. Like GaLore, training
+walks through gradient subspaces; unlike GaLore, the full weight never exists in 16/32 bits.
 
 Implementation details:
 1. Quantization written here: NF4 (16 N(0,1) quantiles, blocks of 64, absmax scales, two codes
    per byte, optional double quantization of the scales: 8-bit dynamic code, blocks of 256) and
    block-wise int8 (linear 255-level code, blocks of 64). Codes and scales are registered
-   buffers: they are the weights, and the checkpoint (4.5 bits per NF4 weight).
+   buffers: they are the weights, and the checkpoint (4.5 bits per NF4 weight). A packed byte
+   is decoded by looking up its pair of levels.
 2. One autograd function per layer (`LoQTMatmul`) computes y = x·deq(Q)ᵀ + s·x·ΔWᵀ and, in the
    backward, ∂L/∂x and ∂L/∂B; deq(Q) and deq(P) are recomputed there (nothing m×n is saved). On
-   a refresh step the same backward first accumulates G = Σ δᵀx in float32 into `layer.grad_W`
-   over the micro-steps (the original's NF4 "weight_grad" side buffer), so G is complete before
-   B's gradient (and any hook on it) exists.
+   a refresh step the same backward first accumulates G = Σ δᵀx (float32) into `layer.grad_W`
+   over the micro-steps (the original's "weight_grad" side buffer: an NF4 weight has no .grad),
+   so G is complete before B's gradient, and any hook on it, exists.
 3. Refresh steps as the original's `get_proj_update_steps`: T_0 = 0, T_1 = τ; static
-   T_{k+1} = T_k + τ; linear T_{k+1} = T_k + ⌊g_k⌋ with g_0 = τ, g_k = g_{k-1} + ψ summed in
-   floating point (as the original, which gives ⌊τ + k·ψ⌋ ± 1 from k ≈ 36 on for ψ = 1.2);
-   exponential T_{k+1} = T_k + τ + ⌊ψ^k⌋. Only the chosen progression is evaluated, once per run.
-4. A layer's refresh, after optimizer.step() of a refresh step: all-reduce G over ranks; merge
-   W_fp = deq(Q) + s·ΔW in float32; P = top-r singular vectors of G (float32 SVD; left: the top-r
-   right singular vectors as rows, right: the top-r left ones as columns; NF4 storage optional);
-   K = --compensate_quant_error_iterations rounds of Q_k = quant(C_{k-1}),
+   T_{k+1} = T_k + τ; exponential T_{k+1} = T_k + τ + ⌊ψ^k⌋; linear T_{k+1} = T_k + ⌊g_k⌋ with
+   g_k = g_{k-1} + ψ summed in floating point from g_0 = τ, as the original (for τ 100, ψ 1.2
+   every fifth gap from k = 35 on is one step shorter than ⌊τ + k·ψ⌋). Only the chosen
+   progression is evaluated, once per run.
+4. A layer's refresh, after B's optimizer step on a refresh step: all-reduce G over ranks;
+   P = top-r singular vectors of G (float32 SVD; left: the top-r right singular vectors as rows,
+   right: the top-r left ones as columns; NF4 storage optional); merge W_fp = deq(Q) + s·ΔW in
+   float32; K = --compensate_quant_error_iterations rounds of Q_k = quant(C_{k-1}),
    B_k = (W_fp − deq(Q_k))·P⁺/s (left) or P⁺·(W_fp − deq(Q_k))/s (right), C_k = W_fp − s·ΔW_k,
-   C_0 = W_fp, keeping the round with the least ‖W_fp − deq(Q_k) − s·ΔW_k‖_F (K = 0: B = 0). The
-   choice is a torch.where, not a Python branch, so the refresh also runs on fake tensors
-   (memory.py). P, Q and B are broadcast from rank 0, so ranks agree even if SVDs differ in the
-   last bit.
+   C_0 = W_fp, keeping the round with the least ‖W_fp − deq(Q_k) − s·ΔW_k‖_F (K = 0: B = 0).
+   The choice is a torch.where, not a Python branch, so the refresh also runs on fake tensors
+   (memory.py); metrics are 0-dim tensors. P, Q and B are broadcast from rank 0, so ranks agree
+   even if SVDs differ in the last bit. Layers refresh one after another: besides G and W_fp, a
+   refresh holds at most three more m×n float32 buffers of one layer.
 5. --optimizer adam8bit: an 8-bit AdamW written here; moments in blocks of 256 on a dynamic
    (decade-wise) code with float32 absmax. Tensors under 4096 elements keep float32 state, and so
    do the embeddings and lm_head unless --adam8bit_embeddings (8-bit state on the embedding was
-   reported unstable for pre-training, transformers#14819; bitsandbytes itself quantizes every
-   tensor of 4096+ elements). State is plain tensors (weights_only loads), and a resume restores
-   each state tensor in its saved dtype (torch's loader would cast the uint8 codes to float).
+   reported unstable for pre-training, transformers#14819; bitsandbytes itself, which the
+   original uses, quantizes every tensor of 4096+ elements). State is plain tensors
+   (weights_only loads); a resume restores each state tensor in its saved dtype (torch's loader
+   would cast the uint8 codes to the parameter's float dtype).
 6. B's Adam state at a refresh, --refresh_optimizer_state: keep (the original: moments carry
    over, GaLore-style), reset (m = v = 0, step 0) or project (m ← m·C, v ← v·(C∘C) with
    C = P_old·P_newᵀ, transposed on the right side). Measured on tiny, 150 steps, τ = 25, val loss:
    s 0.5 seed 0: keep 2.300 / reset 2.342 / project 2.230; seed 1: 2.360 / 2.354 / 2.283;
    s 1.0: 2.047 / 2.090 / 2.011. Project wins every time, so it is the default.
 
-Memory modes (the paper trains 7B on a 24 GB GPU, and 13B with per-layer updates, §5 and Table 4):
+Memory modes (the paper's abstract: 7B on a 24 GB GPU, 13B with per-layer gradient updates):
 - Offloading (--use_offloading, the original's flag): during a refresh step each layer's G
-  accumulates on the host (train.offload_device); the refresh brings one layer's G to the device
-  at a time. The merged W_fp never needs the host here: it is built at refresh time, one layer at
-  a time (the original builds it before the forward for every layer and parks it on the CPU).
+  accumulates on the host (train.offload_device, the CPU); the refresh brings one layer's G to
+  the device at a time. W_fp needs no host copy here: it is built at refresh time, one layer at
+  a time (the original builds every layer's W_fp before the forward and parks it on the CPU).
 - Per-layer updates (train.py --per_layer_updates): B's gradient hook (`param_step`) steps B,
-  then refreshes its layer at once (G is complete, detail 2), then frees G: one layer's G exists
-  at a time, on the device. The end weights equal those of the ordinary optimizer step.
-- Storage precision (--storage_dtype bfloat16): the frozen Q is 4-bit either way; B, the
-  embeddings, norms and lm_head are stored in bf16 as in the original's pure-bf16 model. B
-  follows the storage dtype because at paper scale it is not small: r·max(m, n) is 1.6B numbers
-  at 7B (r 1024), a quarter of the model; in float32 it and its gradient would cost 12 GiB more
-  and 13B would not fit in 24 GiB. What stays float32: G, W_fp and every refresh computation
-  (merge, SVD, compensation; the result is written back in bf16), and the adam8bit moments and
-  scales (32-bit state is float32 whatever the parameter's dtype, as in bitsandbytes).
-- 8-bit embeddings (--adam8bit_embeddings): the embeddings' and lm_head's moments in 8 bits too
-  (2 bytes per parameter instead of 8).
+  refreshes its layer at once (G is complete, detail 2) and frees G, so one layer's G exists at a
+  time, on the device. The weights equal those of the ordinary step (a test, bit for bit on CPU).
+- Storage precision (--storage_dtype bfloat16): Q is 4-bit either way; B, the embeddings, norms
+  and lm_head are stored in bf16, as in the original's pure-bf16 model. B follows the storage
+  dtype because at paper scale it is not small: r·max(m, n) is 1.6B numbers at 7B (r 1024), a
+  quarter of the model; float32 B and its gradient would add 6 GiB at 7B, and 4.7 GiB (B alone)
+  would take 13B past 24 GiB. What stays float32: G, W_fp and every refresh computation (merge,
+  SVD, compensation; results are written back in bf16) and all optimizer state (the adam8bit
+  scales, and 32-bit moments whatever the parameter's dtype, as bitsandbytes keeps them).
+- 8-bit embeddings (--adam8bit_embeddings): the embeddings' and lm_head's moments in 8 bits too,
+  2 bytes per parameter instead of 8 (1.8 GiB of state at 13B; the 13B peak falls less, to 23.36
+  GiB with --use_double_quant as well, because an 8-bit step decodes its moments to float32).
 
 Deviations from the official code, and why:
 - The original disables the adapter on a refresh step, merges before the forward and zeroes B's
@@ -81,20 +85,39 @@ Deviations from the official code, and why:
   stops refreshing once T_k passes it).
 - adam8bit keeps √v, not v, on a code without zero: a v rounded to 0 under a non-zero m gives huge
   steps (the "zero-point problem", Li et al. 2023). Not implemented: eigh, fp4, 1-bit.
-- --dtype float16: a step the GradScaler skips (inf/NaN gradients) also skips its refresh: every
-  tensor the refresh touches (Q, P, B, B's Adam state) is restored through a torch.where on
-  "G is finite", and the schedule goes on. G is accumulated from the scaled loss, which changes
-  neither its singular vectors nor the merge.
+- --dtype float16 (the original is bf16 only): a step the GradScaler skips (inf/NaN gradients)
+  skips its refresh too: every tensor the refresh touches (Q, P, B, B's Adam state) is restored
+  through a torch.where on "G is finite", and the schedule goes on. G comes from the scaled loss,
+  which changes neither its singular vectors nor the merge.
 
 Some warnings:
 - Without offloading or per-layer updates a refresh step holds one float32 m×n gradient per
-  adapted layer at once: the memory peak on big models (24 GiB at 7B).
+  adapted layer at once: 24 GiB at 7B, the memory peak (table below).
 - Each requantization loses updates smaller than a quantization step: why the gaps grow.
 - s multiplies the adapted weights' effective learning rate (Adam is scale-invariant): s·lr.
 - Until the first refresh (update 0) P = 0: that update trains the embeddings, norms and head only.
 
 Memory, estimated by memory.py (fake tensors; micro-batch 1 x 256, vocabulary 32000; GiB = 2^30):
-MEMORY_TABLE
+    python memory.py --methods full,loqt --model_config PRESET [--storage_dtype bfloat16] \\
+        [--per_layer_updates --grad_clipping 0] --method_args "loqt=--lora_r R [--optimizer adam8bit] [--use_offloading]"
+
+    preset     r     storage   LoQT mode, optimizer              LoQT peak GiB        full-rank, same mode
+    llama_1b   512   float32   whole model, adamw                12.82                24.96
+    llama_1b   512   float32   --per_layer_updates, adamw         6.76                18.37
+    llama_1b   512   bfloat16  whole model, adamw                 9.03                12.49
+    llama_1b   512   bfloat16  --per_layer_updates, adamw         3.98                 8.28
+    llama_7b   1024  float32   whole model, adam8bit             48.04
+    llama_7b   1024  float32   --use_offloading, adam8bit        23.91 (+24.1 host)
+    llama_7b   1024  float32   --per_layer_updates, adam8bit     18.74
+    llama_7b   1024  bfloat16  whole model, adam8bit             41.03                62.77
+    llama_7b   1024  bfloat16  --use_offloading, adam8bit        16.90 (+24.1 host)
+    llama_7b   1024  bfloat16  --per_layer_updates, adam8bit     14.79                39.59
+    llama_13b  1024  bfloat16  --per_layer_updates, adam8bit     23.66
+
+The whole-model peaks are the refresh step's G of every layer (24 GiB at 7B). A float32 B under
+bfloat16 storage measured 22.94 (7B offloading) and 28.38 (13B per-layer). The same two updates
+run for real on the CPU (python memory.py --check: llama_9m and tiny; float32 and bfloat16,
+offloading, per-layer) agree with the estimate to 0.1%. A 7B estimate takes about 45 s on one core.
 
 Usage:
     python train.py --method loqt                                  # tiny defaults below
@@ -103,7 +126,7 @@ Usage:
     python train.py --method loqt --model_config llama_350m --lr 0.01 --lora_r 256 --lora_alpha 0.5 \\
         --update_proj_gap 100 --adamw_eps 1e-6 --grad_clipping 0 --refresh_optimizer_state keep  # 350M script
     python train.py --method loqt --model_config llama_7b --storage_dtype bfloat16 --lora_r 1024 \\
-        --optimizer adam8bit --use_offloading --batch_size 1 --max_length 256     # 7B in 24 GiB
+        --optimizer adam8bit --use_offloading --batch_size 1 --max_length 256             # 7B in 24 GiB
     python train.py --method loqt --model_config llama_13b --storage_dtype bfloat16 --lora_r 1024 \\
         --optimizer adam8bit --per_layer_updates --grad_clipping 0 --batch_size 1 --max_length 256
 
@@ -520,7 +543,7 @@ def adjust_optimizer_state(layer, optimizer, how, P_old, P_new):
     st = optimizer.state.get(layer.B)
     if how == "keep" or not st:
         return
-    m, v = get_moments(st)
+    m, v = (x.float() for x in get_moments(st))  # torch's AdamW keeps a bf16 B's moments in bf16
     if how == "reset":
         st["step"].zero_()
         m, v = torch.zeros_like(m), torch.zeros_like(v)

@@ -63,7 +63,7 @@ print(f"{STEPS} updates, tau={GAP}, K in {list(KS)}")
 
 # %%
 nf4 = loqt.nf4_code()
-print("NF4 levels:", np.round(nf4.numpy(), 4).tolist())
+print("NF4 levels:", [round(v, 4) for v in nf4.tolist()])
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
 axes[0].plot(range(16), nf4.numpy(), "o-", label="NF4 (16 levels)")
 axes[0].plot(np.linspace(0, 15, 16), np.linspace(-1, 1, 16), "--", color="gray", label="16 evenly spaced")
@@ -83,8 +83,8 @@ idx = torch.bucketize(normed, (nf4[1:] + nf4[:-1]) / 2)
 use = torch.bincount(idx, minlength=16).float() / idx.numel()
 even = torch.linspace(-1, 1, 16)
 use_even = torch.bincount(torch.bucketize(normed, (even[1:] + even[:-1]) / 2), minlength=16).float() / idx.numel()
-print("share of entries per level, NF4:          ", np.round(use.numpy(), 3).tolist())
-print("share of entries per level, evenly spaced:", np.round(use_even.numpy(), 3).tolist())
+print("share of entries per level, NF4:          ", [round(v, 3) for v in use.tolist()])
+print("share of entries per level, evenly spaced:", [round(v, 3) for v in use_even.tolist()])
 for name, u in (("NF4", use), ("evenly spaced", use_even)):
     inner = u[1:-1]
     print(f"{name:14s} inner 14 levels: max/min share {(inner.max() / inner.min()).item():6.1f} | "
@@ -121,8 +121,8 @@ plt.show()
 # ## 3 · Error compensation against $K$
 # A `LoQTLinear` of that shape (rank 32, the file's default), with $P$ set from the SVD of a random
 # low-rank-plus-noise "gradient" and a target $W_\text{fp}$; `loqt.compensated_init(layer, W_fp, K)`
-# returns the kept error and plain requantization's error ($K=0$: $B = 0$). We also run the same
-# with $P$ stored in float32 (`quantize_projection_matrix="none"`).
+# returns the kept error and plain requantization's error, as 0-dim tensors ($K=0$: $B = 0$). We also
+# run the same with $P$ stored in float32 (`quantize_projection_matrix="none"`).
 
 # %%
 g = torch.Generator().manual_seed(2)
@@ -133,7 +133,7 @@ for p_kind in ("4bit", "none"):
     layer = loqt.LoQTLinear(nn.Linear(128, 352, bias=False), loqt.Config(quantize_projection_matrix=p_kind))
     U, S, Vh = torch.linalg.svd(G, full_matrices=False)
     layer.P.load_(layer.P.encode(Vh[:layer.r] if layer.left else U[:, :layer.r]))
-    curves[p_kind] = [loqt.compensated_init(layer, W_fp, K)[0] / W_fp.norm().item() for K in KS]
+    curves[p_kind] = [loqt.compensated_init(layer, W_fp, K)[0].item() / W_fp.norm().item() for K in KS]
 fig, ax = plt.subplots(figsize=(6, 3.2))
 for p_kind, c in curves.items():
     ax.plot(list(KS), c, "o-", ms=4, label=f"P stored as {'NF4' if p_kind == '4bit' else 'float32'}")
@@ -248,3 +248,7 @@ print(f"the factors B (r x max(m, n), float32, trained): {b_params:,} numbers = 
 #   storage cost, and how much does compensation win back?
 # - `--refresh_optimizer_state keep | reset | project` (the docstring's measured table).
 # - A larger preset (`--model_config llama_60m`): how does the memory breakdown change with the width?
+# - Memory at paper scale, on fake tensors (seconds to a minute on a CPU): `python memory.py --methods
+#   full,loqt --model_config llama_7b --storage_dtype bfloat16 --method_args "loqt=--lora_r 1024
+#   --optimizer adam8bit --use_offloading"`, or with `--per_layer_updates --grad_clipping 0` instead of
+#   offloading; `loqt.py`'s docstring has the table.
