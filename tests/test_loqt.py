@@ -577,14 +577,26 @@ def test_resume_exact_state_bytes_kept_and_model_pt_equals_wrapped(train_run, da
     torch.testing.assert_close(logits(plain, x), logits(wrapped, x), atol=tol, rtol=tol)
 
 
-def test_per_layer_updates_equal_the_ordinary_step(train_run, tmp_path):
-    """--per_layer_updates steps and refreshes each layer inside the backward; float32 on the CPU the
-    end weights equal the ordinary step's bit for bit (refreshes at updates 0, 2 and 4)."""
+def test_per_layer_updates_equal_the_ordinary_step(train_run, tmp_path, monkeypatch):
+    """--per_layer_updates steps and refreshes each layer inside the backward: one layer's G exists at
+    a time (all 28 in the ordinary step), and float32 on the CPU the end weights equal the ordinary
+    step's bit for bit (refreshes at updates 0, 2 and 4)."""
+    backward, seen, live = loqt.LoQTMatmul.backward, set(), []
+
+    def spy(ctx, gy):  # after each layer's backward: how many layers hold a G now
+        out = backward(ctx, gy)
+        seen.add(ctx.layer)
+        live.append(sum(lay.grad_W is not None for lay in seen))
+        return out
+    monkeypatch.setattr(loqt.LoQTMatmul, "backward", staticmethod(spy))
     args = ["--method", "loqt", "--grad_clipping", "0", "--num_training_steps", "5", "--update_proj_gap", "2",
             "--proj_gap_progression", "static", "--lora_r", "8", "--eval_every", "100",
             "--compensate_quant_error_iterations", "2"]
     a = train_run(*args, save_dir=tmp_path / "whole")
+    assert max(live) == 28
+    seen.clear(), live.clear()
     b = train_run(*args, "--per_layer_updates", save_dir=tmp_path / "per_layer")
+    assert max(live) == 1
     assert [r["step"] for r in b["metrics"] if "method/refresh" in r] == [1, 3, 5]
     assert [r["method/quant_err"] for r in a["metrics"] if "method/refresh" in r] == \
         [r["method/quant_err"] for r in b["metrics"] if "method/refresh" in r]
@@ -592,10 +604,11 @@ def test_per_layer_updates_equal_the_ordinary_step(train_run, tmp_path):
 
 
 def test_ddp_ranks_agree(torchrun, tmp_path):
-    """Every update refreshes; --check_ranks_every 1 compares a fingerprint of every parameter and
-    buffer (NF4 codes included) across ranks after each update and exits 2 on a mismatch."""
+    """bf16 storage, NF4, adam8bit; every update refreshes; --check_ranks_every 1 compares a fingerprint
+    of every parameter and buffer (NF4 codes included) across ranks after each update, exit 2 on a
+    mismatch. (float32 DDP: the next test, against a single process.)"""
     proc = torchrun("--method", "loqt", "--update_proj_gap", "1", "--proj_gap_progression", "static",
-                    "--optimizer", "adam8bit", "--compensate_quant_error_iterations", "2",
+                    "--optimizer", "adam8bit", "--compensate_quant_error_iterations", "2", "--storage_dtype", "bfloat16",
                     "--refresh_optimizer_state", "project", "--check_ranks_every", "1", "--lora_r", "8",
                     save_dir=tmp_path / "ddp")
     assert proc.returncode == 0 and "done:" in proc.stdout and "disagree" not in proc.stderr
