@@ -117,7 +117,7 @@ Memory, estimated by memory.py (fake tensors; micro-batch 1 x 256, vocabulary 32
 The whole-model peaks are the refresh step's G of every layer (24 GiB at 7B). A float32 B under
 bfloat16 storage measured 22.94 (7B offloading) and 28.38 (13B per-layer). The same two updates
 run for real on the CPU (python memory.py --check: llama_9m and tiny; float32 and bfloat16,
-offloading, per-layer) agree with the estimate to 0.1%. A 7B estimate takes about 45 s on one core.
+offloading, per-layer) agree with the estimate to 0.1%. A 7B estimate takes 40-55 s on one CPU core.
 
 Usage:
     python train.py --method loqt                                  # tiny defaults below
@@ -491,10 +491,14 @@ def refresh_steps(cfg, num_training_steps):
                          num_training_steps)[0])
 
 
+def is_refresh_step(step, cfg, train):
+    args = cfg.update_proj_gap, cfg.proj_gap_progression, cfg.increment_size, cfg.max_proj_gap, train.num_training_steps
+    return step in schedule(*args)[1]
+
+
 def step_start(step, model, cfg, train):
     """On a refresh step, every layer starts accumulating G = ∂L/∂W (on the host with --use_offloading)."""
-    args = cfg.update_proj_gap, cfg.proj_gap_progression, cfg.increment_size, cfg.max_proj_gap, train.num_training_steps
-    if step in schedule(*args)[1]:
+    if is_refresh_step(step, cfg, train):
         for layer in loqt_layers(model):
             layer.collect_G = torch.device(train.offload_device) if cfg.use_offloading else layer.B.device
 
@@ -596,6 +600,8 @@ def param_step(step, p, model, optimizer, cfg, train):
     """--per_layer_updates: B's gradient is complete, and with it its layer's G (LoQTMatmul). Step B
     now (the only parameter with a gradient), refresh the layer and free G, so only one layer's G
     ever exists; train.py's own step then finds no gradient on B."""
+    if not is_refresh_step(step, cfg, train):
+        return
     layer = next((l for l in loqt_layers(model) if l.B is p and l.grad_W is not None), None)
     if layer is not None:
         optimizer.step()
