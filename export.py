@@ -45,6 +45,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import data as data_lib  # noqa: E402
+import runfiles  # noqa: E402
 import train  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -284,13 +285,7 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    try:
-        main(argv)
-    except (ValueError, OSError) as e:  # OSError: an unwritable out_dir, a full disk
-        if os.environ.get("LOWRANK_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    runfiles.run_cli(main, (ValueError, OSError), argv)  # OSError: an unwritable out_dir, a full disk
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ contains "attn" or "mlp" (`adapted_linear_names` below). `lm_head` is deliberate
 """
 
 import json
-import math
 import os
 import zlib
 from dataclasses import asdict, dataclass

@@ -7,6 +7,7 @@ that train.py reads as the training loop.
   weights_only=True (a checkpoint never runs code), with one-line errors
 - mismatch: which tensors and shapes differ between a checkpoint and the model
 - git_commit, plot_losses, start_wandb: the run's provenance, loss.png and optional W&B
+- run_cli: the one-line `error: ...` (exit 2) of train.py, sample.py and export.py
 """
 
 import contextlib
@@ -121,3 +122,15 @@ def start_wandb(tc, mc, argv):
     return wandb.init(project=tc.wandb_project, name=tc.wandb_run_name or os.path.basename(os.path.abspath(tc.save_dir)),
                       dir=tc.save_dir, config={"train": dataclasses.asdict(tc), "method": dataclasses.asdict(mc),
                                                "argv": sys.argv if argv is None else list(argv)})
+
+
+def run_cli(main, errors, argv=None):
+    """main(argv), with an expected error (`errors`) printed as one line `error: ...` and exit code 2,
+    no traceback. `LOWRANK_DEBUG=1` re-raises it for the traceback."""
+    try:
+        return main(argv) if argv is not None else main()
+    except errors as e:
+        if os.environ.get("LOWRANK_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -30,6 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import data as data_lib  # noqa: E402
+import runfiles  # noqa: E402
 import train  # noqa: E402
 from export import load_any, load_tokenizer  # noqa: E402
 from model import GPT  # noqa: E402
@@ -131,13 +132,7 @@ def main(argv=None, log=print):
 
 
 def cli(argv=None):
-    try:
-        main(argv)
-    except (ValueError, OSError, train.TrainingError) as e:
-        if os.environ.get("LOWRANK_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    runfiles.run_cli(main, (ValueError, OSError, train.TrainingError), argv)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ sys.path.insert(0, HERE)
 
 import data as data_lib  # noqa: E402
 from model import GPT, count_params_formula, get_config, save_plain  # noqa: E402
-from runfiles import TrainingError, atomic_save, folder_lock, git_commit, load_checkpoint, mismatch, plot_losses, start_wandb  # noqa: E402,F401
+from runfiles import TrainingError, atomic_save, folder_lock, git_commit, load_checkpoint, mismatch, plot_losses, run_cli, start_wandb  # noqa: E402,F401
 
 
 def opt(default, help, **kw):
@@ -699,19 +699,12 @@ def threading_main():
 
 
 def cli():
-    code = 0
     try:
-        out = main()
-        code = SIGNAL_EXIT.get(out["summary"].get("signal"), 0)
-    except USER_ERRORS as e:
-        if os.environ.get("LOWRANK_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
+        out = run_cli(main, USER_ERRORS)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    sys.exit(code)
+    sys.exit(SIGNAL_EXIT.get(out["summary"].get("signal"), 0))
 
 
 if __name__ == "__main__":

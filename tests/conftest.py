@@ -23,6 +23,17 @@ TINY = ["--num_training_steps", "4", "--batch_size", "4", "--max_length", "32", 
         "--save_every", "0"]
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and kinder to a shared CPU.
+    A test file opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """Token shards of the built-in corpus, prepared once per test session."""

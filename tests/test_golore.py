@@ -18,13 +18,7 @@ import train
 from model import GPT, GPTConfig, adapted_linear_names, get_config, load_plain
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and kinder to a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_gpt(seed=0, dtype=torch.float64):
@@ -381,7 +375,7 @@ def test_resume_equals_unbroken_run_and_model_pt_is_the_wrapped_model(train_run,
     train_run(*RUN, "--num_training_steps", "6", "--autoresume", save_dir=tmp_path / "b")
     events = [r["method/proj_random"] for r in full["metrics"] if "method/proj_random" in r]
     assert events == [0.0, 0.0, 1.0]
-    (a, ck_a), (b, ck_b) = rebuild(tmp_path / "a"), rebuild(tmp_path / "b")
+    (a, ck_a), (_, ck_b) = rebuild(tmp_path / "a"), rebuild(tmp_path / "b")
     for k, v in ck_a["model"].items():  # W, P and R: the projectors included
         assert torch.allclose(v, ck_b["model"][k], atol=1e-6, rtol=0), k
     for k, st in ck_a["optimizer"]["state"].items():

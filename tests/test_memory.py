@@ -6,7 +6,6 @@ The check that matters: for every method, the peak the estimator computes on fak
 import json
 
 import pytest
-import torch
 
 import memory
 
@@ -14,12 +13,7 @@ METHODS = ["full", "relora", "switchlora", "golore", "lte", "loqt"]
 SMALL = ["--model_config", "tiny", "--batch_size", "4", "--max_length", "64"]  # 4: LTE's heads need a divisible batch
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from model import GPT, PRESETS, GPTConfig, adapted_linear_names, count_params_formula, get_config, load_plain, save_plain
+from model import GPT, GPTConfig, adapted_linear_names, count_params_formula, get_config, load_plain, save_plain
 
 
 @pytest.mark.parametrize("name", ["tiny", "llama_9m", "llama_20m", "llama_35m"])

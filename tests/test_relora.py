@@ -17,13 +17,7 @@ from model import GPT, GPTConfig, get_config, load_plain
 from train import TrainConfig, default_optimizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and far faster on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_gpt(seed=0, dtype=torch.float64):

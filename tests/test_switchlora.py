@@ -16,13 +16,19 @@ from model import GPT, GPTConfig, load_plain
 SMALL = GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=32, intermediate_size=48, max_seq_len=32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads, and a busy 2-core machine makes them 100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def assert_same_checkpoint(a, b):
+    """Two ckpt.pt dicts hold bit-identical weights, optimizer state and switching state."""
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    for p, st in a["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["optimizer"]["state"][p][k])), (p, k)
+    for name, st in a["method_state"].items():
+        for k, v in st.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["method_state"][name][k])), (name, k)
 
 
 FAST = ["--method", "switchlora", "--lora_rank", "8", "--fix_switch_lora_interval", "--switch_lora_interval", "10"]
@@ -344,14 +350,7 @@ def test_resume_is_exact(train_run, tmp_path, storage):
     a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)
     b = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)
     assert a["model"]["layers.0.mlp.up_proj.weight"].dtype == getattr(torch, storage)
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
-    for p, st in a["optimizer"]["state"].items():
-        for k, v in st.items():
-            assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["optimizer"]["state"][p][k])), (p, k)
-    for name, st in a["method_state"].items():
-        for k, v in st.items():
-            assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["method_state"][name][k])), (name, k)
+    assert_same_checkpoint(a, b)
 
 
 def test_model_pt_is_the_wrapped_model(train_run, tmp_path):
@@ -553,14 +552,7 @@ def test_per_layer_updates_equal_the_default_order(train_run, tmp_path):
     assert switched[0] == switched[1] and switched[0][-1] > 0
     a = torch.load(tmp_path / "ref" / "ckpt.pt", weights_only=True)
     b = torch.load(tmp_path / "per" / "ckpt.pt", weights_only=True)
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
-    for p, st in a["optimizer"]["state"].items():
-        for k, v in st.items():
-            assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["optimizer"]["state"][p][k])), (p, k)
-    for name, st in a["method_state"].items():
-        for k, v in st.items():
-            assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["method_state"][name][k])), (name, k)
+    assert_same_checkpoint(a, b)
 
 
 def test_export_builds_one_layer_at_a_time_on_the_device():
