@@ -4,6 +4,7 @@ Several methods side by side: one model, one data stream, one seed, one invocati
     python bench.py --methods full,relora,switchlora,golore,lte,loqt --model_config tiny --num_training_steps 300
     python bench.py --methods full,relora --method_args "relora=--relora 100 --lora_r 32"
     python bench.py --memory --model_config llama_7b          # peak memory at any preset (memory.py)
+    python bench.py --lrs 1e-3,2e-3,4e-3,8e-3 --seeds 0,1 --num_training_steps 1000 --out sweep_out   # LR sweep
 
 Every other flag goes to train.py unchanged. Each method trains in its own process (its progress
 is shown as it goes), writes its usual outputs under --out/<method>, and the comparison lands in
@@ -17,9 +18,17 @@ so a change of load hits every method alike. The table gives each method's media
 ratio of medians to full, with the spread (max/min window) beside it; when full's own windows
 spread by more than 15% the ratios are flagged as noise. --timing_rounds 0 skips this and reports
 the training runs' own tokens/s.
+
+LR sweep (--lrs, --seeds). Every method at every learning rate and seed, each cell a train.py
+process of its own with one thread, --jobs at a time (2 on a 2-core machine). A cell whose
+summary.json says it finished is not run again, and an interrupted one continues from its
+checkpoint, so a sweep stopped at any point picks up where it was. The results land in
+--out/sweep.json (every cell), sweep.md (each method at its best LR, mean and spread over the
+seeds; the whole grid) and sweep_lr.png (validation loss against LR per method).
 """
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -157,6 +166,9 @@ def main(argv=None):
     p.add_argument("--method_args", action="append", default=[], help='"method=--flag value ..." (repeatable)')
     p.add_argument("--timing_rounds", type=int, default=3, help="interleaved timing rounds after training (0: off)")
     p.add_argument("--timing_steps", type=int, default=10, help="updates per method per timing round")
+    p.add_argument("--lrs", default=None, help="LR sweep: comma-separated learning rates (each method at each)")
+    p.add_argument("--seeds", default=None, help="LR sweep: comma-separated seeds (default 0)")
+    p.add_argument("--jobs", type=int, default=2, help="LR sweep: cells run at once, one thread each")
     args, common = p.parse_known_args(argv)
     extra = {}
     for item in args.method_args:
@@ -169,6 +181,8 @@ def main(argv=None):
         return 2
     args.out = os.path.abspath(args.out)
     os.makedirs(args.out, exist_ok=True)
+    if args.lrs or args.seeds:
+        return run_sweep(args, argv, methods, common, extra)
     t0, results = time.time(), {}
     for m in methods:
         r = run_method(m, common, extra.get(m, []), args.out)
@@ -198,6 +212,172 @@ def main(argv=None):
     plots(results, args.out)
     print(md)
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# LR sweep: every (method, lr, seed) cell in its own one-thread process, --jobs at a time
+
+
+def cell_dir(out, method, lr, seed):
+    return os.path.join(out, "cells", method, f"lr{lr:g}_seed{seed}")
+
+
+def cell_result(save_dir, steps):
+    """The cell's summary if it finished `steps` updates, else None."""
+    try:
+        with open(os.path.join(save_dir, "summary.json")) as fh:
+            s = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return s if s.get("steps") == steps and not s.get("interrupted") else None
+
+
+def sweep(methods, lrs, seeds, common, extra, out, jobs):
+    """Run the missing cells, `jobs` at a time. -> {(method, lr, seed): summary} (failed cells absent)."""
+    import train
+    steps = {m: train.parse_args(["--method", m] + common + extra.get(m, []))[0].num_training_steps for m in methods}
+    cells = list(itertools.product(methods, lrs, seeds))
+    results, todo = {}, []
+    for m, lr, seed in cells:
+        s = cell_result(cell_dir(out, m, lr, seed), steps[m])
+        if s is None:
+            todo.append((m, lr, seed))
+        else:
+            results[(m, lr, seed)] = s
+    print(f"sweep: {len(cells)} cells, {len(results)} done before, {len(todo)} to run, {jobs} at a time", flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    running, t0, finished = [], time.time(), 0
+    while todo or running:
+        while todo and len(running) < jobs:
+            m, lr, seed = todo.pop(0)
+            d = cell_dir(out, m, lr, seed)
+            os.makedirs(d, exist_ok=True)
+            cmd = ([sys.executable, os.path.join(HERE, "train.py"), "--method", m] + common + extra.get(m, [])
+                   + ["--lr", f"{lr:g}", "--seed", str(seed), "--save_dir", d, "--autoresume"])
+            log = open(os.path.join(d, "train.log"), "a")
+            running.append(((m, lr, seed), subprocess.Popen(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        time.sleep(0.5)
+        for item in [r for r in running if r[1].poll() is not None]:
+            running.remove(item)
+            key, proc, log = item
+            log.close()
+            finished += 1
+            s = cell_result(cell_dir(out, *key), steps[key[0]])
+            left = len(todo) + len(running)
+            eta = (time.time() - t0) / finished * left  # cells finish at the rate they have so far
+            if s is None:
+                print(f"   {key[0]} lr {key[1]:g} seed {key[2]}: FAILED (exit {proc.returncode}); "
+                      f"see {os.path.join(cell_dir(out, *key), 'train.log')}", file=sys.stderr, flush=True)
+            else:
+                results[key] = s
+                print(f"   {key[0]} lr {key[1]:g} seed {key[2]}: val_loss {s['val_loss']:.4f} "
+                      f"({s['train_time_s']:.0f}s) | {left} left, eta {eta:.0f}s", flush=True)
+    return results
+
+
+def sweep_summary(results, methods, lrs, seeds):
+    """Per method and LR: mean, min and max over seeds of val and train loss. Best LR = lowest mean val loss."""
+    grid = {}
+    for m in methods:
+        for lr in lrs:
+            runs = [results[(m, lr, s)] for s in seeds if (m, lr, s) in results]
+            if runs:
+                v = [r["val_loss"] for r in runs]
+                t = [r["train_loss"] for r in runs]
+                grid[(m, lr)] = {"val_mean": statistics.mean(v), "val_min": min(v), "val_max": max(v),
+                                 "train_mean": statistics.mean(t), "seeds": len(runs)}
+    best = {}
+    for m in methods:
+        cands = [(g["val_mean"], lr) for (mm, lr), g in grid.items() if mm == m]
+        if cands:
+            best[m] = min(cands)[1]
+    return grid, best
+
+
+def sweep_tables(grid, best, lrs):
+    base = grid.get(("full", best["full"])) if "full" in best else None
+    head = "| method | best lr | val loss (mean) | over seeds (min-max) | train loss | val - train | val vs full |"
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for m, lr in best.items():
+        g = grid[(m, lr)]
+        edge = " (edge of grid)" if lr in (min(lrs), max(lrs)) and len(lrs) > 1 else ""
+        vs = f"{g['val_mean'] / base['val_mean']:.3f}" if base else "-"
+        rows.append(f"| {m} | {lr:g}{edge} | {g['val_mean']:.4f} | {g['val_min']:.4f}-{g['val_max']:.4f} "
+                    f"| {g['train_mean']:.4f} | {g['val_mean'] - g['train_mean']:+.4f} | {vs} |")
+    head = "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |"
+    rows += ["", "Validation loss, mean over seeds, at every LR (best in bold):", "", head, "|" + "---|" * (len(lrs) + 1)]
+    for m in best:
+        cells = []
+        for lr in lrs:
+            g = grid.get((m, lr))
+            txt = "-" if g is None else f"{g['val_mean']:.4f}"
+            cells.append(f"**{txt}**" if lr == best[m] else txt)
+        rows.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def sweep_plot(grid, best, lrs, path):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.8))
+    ax = fig.subplots()
+    for m in best:
+        pts = [(lr, grid[(m, lr)]) for lr in lrs if (m, lr) in grid]
+        x = [lr for lr, _ in pts]
+        y = [g["val_mean"] for _, g in pts]
+        err = [[g["val_mean"] - g["val_min"] for _, g in pts], [g["val_max"] - g["val_mean"] for _, g in pts]]
+        ax.errorbar(x, y, yerr=err, fmt="o-", ms=3, capsize=2, label=m)
+    ax.set(xscale="log", xlabel="learning rate", ylabel="validation loss (mean; bars: seed min-max)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+def run_sweep(args, argv, methods, common, extra):
+    lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
+    seeds = [int(x) for x in (args.seeds or "0").split(",") if x.strip()]
+    if "--lr" in common or "--seed" in common:
+        print("error: --lrs/--seeds set the LR and seed of every cell; drop --lr and --seed", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    results = sweep(methods, lrs, seeds, common, extra, args.out, args.jobs)
+    grid, best = sweep_summary(results, methods, lrs, seeds)
+    cpu_s = sum(r.get("wall_time_s", r["train_time_s"]) for r in results.values())
+    some = next(iter(results.values()), {})
+    train_tokens = data_train_tokens(common)
+    epochs = f", {some['tokens'] / train_tokens:.1f} epochs of the {train_tokens:,}-token training split" if some and train_tokens else ""
+    md = (f"Command: `python bench.py {' '.join(shlex.quote(a) for a in argv)}`  \n"
+          f"Machine: {machine()}; one thread per cell, {args.jobs} cells at a time; this invocation {time.time() - t0:.0f}s, "
+          f"{cpu_s / 3600:.2f} h of cell time in all.  \n"
+          f"Each cell: {some.get('steps', '?')} updates, {some.get('tokens', 0):,} tokens{epochs}; "
+          f"{len(results)} of {len(methods) * len(lrs) * len(seeds)} cells finished.\n\n"
+          f"{sweep_tables(grid, best, lrs) if best else '(no cell finished)'}\n")
+    cells = [{"method": m, "lr": lr, "seed": s, **{k: r.get(k) for k in ("val_loss", "train_loss", "steps", "tokens",
+              "train_time_s", "wall_time_s", "trainable_params")}} for (m, lr, s), r in sorted(results.items())]
+    with open(os.path.join(args.out, "sweep.json"), "w") as fh:
+        json.dump({"command": argv, "methods": methods, "lrs": lrs, "seeds": seeds, "cells": cells,
+                   "best_lr": best}, fh, indent=1)
+    with open(os.path.join(args.out, "sweep.md"), "w") as fh:
+        fh.write(md)
+    if best:
+        sweep_plot(grid, best, lrs, os.path.join(args.out, "sweep_lr.png"))
+    print(md)
+    return 0 if len(results) == len(methods) * len(lrs) * len(seeds) else 1
+
+
+def data_train_tokens(common):
+    """Tokens in the training split the cells read (from the shard folder's meta.json), or None."""
+    import data as data_lib
+    import train
+    tc = train.parse_args(["--method", "full"] + common)[0]
+    try:
+        folder = data_lib.prepare(tc.dataset, tc.dataset_config, tc.tokenizer, tc.data_dir, tc.dataset_tokens,
+                                  tc.val_fraction, log=lambda *a: None)
+        with open(os.path.join(folder, "meta.json")) as fh:
+            return json.load(fh)["train_tokens"]
+    except Exception:  # a hub dataset offline: the epochs are left out, nothing else depends on it
+        return None
 
 
 def machine():

@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -183,6 +184,34 @@ def test_bench_writes_a_table_with_ratios(data_dir, tmp_path):
     md = (tmp_path / "b" / "bench.md").read_text()
     assert "| full |" in md and "1.00x" in md and "| 1.000 |" in md
     assert (tmp_path / "b" / "bench_loss.png").is_file() and (tmp_path / "b" / "bench_memory.png").is_file()
+
+
+
+def test_lr_sweep_runs_every_cell_once_and_picks_the_best_lr(data_dir, tmp_path, capsys):
+    """bench.py --lrs/--seeds: a two-cell toy sweep; a second invocation runs nothing again, and a
+    missing cell is the only one run again (and gives the same loss: a cell is a function of its flags)."""
+    import bench
+    argv = ["--methods", "full", "--lrs", "1e-3,3e-2", "--seeds", "0", "--out", str(tmp_path / "s"), *TINY,
+            "--num_training_steps", "3", "--data_dir", data_dir]
+    assert bench.main(argv) == 0
+    out = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert [(c["method"], c["lr"], c["seed"]) for c in out["cells"]] == [("full", 1e-3, 0), ("full", 3e-2, 0)]
+    for c in out["cells"]:  # each cell is a real train.py run with its own LR
+        cfg = json.loads((tmp_path / "s" / "cells" / "full" / f"lr{c['lr']:g}_seed0" / "config.json").read_text())
+        summary = json.loads((tmp_path / "s" / "cells" / "full" / f"lr{c['lr']:g}_seed0" / "summary.json").read_text())
+        assert cfg["train"]["lr"] == c["lr"] and summary["val_loss"] == c["val_loss"]
+    best = min(out["cells"], key=lambda c: c["val_loss"])["lr"]
+    assert out["best_lr"] == {"full": best}
+    md = (tmp_path / "s" / "sweep.md").read_text()
+    assert f"| full | {best:g} (edge of grid) |" in md and (tmp_path / "s" / "sweep_lr.png").is_file()
+    capsys.readouterr()
+    assert bench.main(argv) == 0
+    assert "2 done before, 0 to run" in capsys.readouterr().out
+    shutil.rmtree(tmp_path / "s" / "cells" / "full" / "lr0.001_seed0")
+    assert bench.main(argv) == 0
+    assert "1 done before, 1 to run" in capsys.readouterr().out
+    again = json.loads((tmp_path / "s" / "sweep.json").read_text())["cells"]
+    assert [(c["lr"], c["val_loss"], c["train_loss"]) for c in again] == [(c["lr"], c["val_loss"], c["train_loss"]) for c in out["cells"]]
 
 
 # ----------------------------------------------------------------------------- never lose a run
