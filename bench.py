@@ -236,7 +236,7 @@ def sweep(methods, lrs, seeds, common, extra, out, jobs):
     """Run the missing cells, `jobs` at a time. -> {(method, lr, seed): summary} (failed cells absent)."""
     import train
     steps = {m: train.parse_args(["--method", m] + common + extra.get(m, []))[0].num_training_steps for m in methods}
-    cells = list(itertools.product(methods, lrs, seeds))
+    cells = [(m, lr, s) for s, lr, m in itertools.product(seeds, lrs, methods)]  # seed by seed: a cut sweep has whole seeds
     results, todo = {}, []
     for m, lr, seed in cells:
         s = cell_result(cell_dir(out, m, lr, seed), steps[m])
