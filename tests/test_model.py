@@ -191,3 +191,46 @@ def test_top_k_samples_lie_in_the_top_k():
     nxt = model.generate(prompt, 1, temperature=2.0, top_k=5, generator=torch.Generator().manual_seed(0))[:, -1]
     assert (nxt[:, None] == top5).any(1).all()
     assert len(set(nxt.tolist())) > 5  # and it does sample: different rows, different top sets
+
+
+def test_a_meta_build_materialized_layer_by_layer_equals_an_eager_build():
+    """train.py builds the GPT on the meta device and materializes it one layer at a time (a method's
+    wrap first, the rest after): the same seed gives the same weights, buffers and logits as GPT(cfg, seed),
+    whatever the order; another seed gives other weights."""
+    import model as model_lib
+    cfg = get_config("tiny", 257)
+    eager = GPT(cfg, seed=3)
+    with torch.device("meta"):
+        lazy = GPT(cfg, seed=3)
+    assert all(p.is_meta for p in lazy.parameters())
+    lazy.plan("cpu", torch.float32)
+    for name in reversed(adapted_linear_names(lazy)[:5]):  # a few layers first, in another order, as a wrap would
+        assert not model_lib.materialize(lazy, name).weight.is_meta
+    assert any(p.is_meta for p in lazy.parameters())
+    lazy.materialize()
+    assert not any(p.is_meta for p in lazy.parameters()) and not lazy.rope_cos.is_meta
+    a, b = eager.state_dict(), lazy.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(eager.rope_cos, lazy.rope_cos) and torch.equal(eager.rope_sin, lazy.rope_sin)
+    x = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(eager(x)[0], lazy(x)[0])
+    other = GPT(cfg, seed=4).state_dict()
+    assert not torch.equal(other["layers.0.self_attn.q_proj.weight"], a["layers.0.self_attn.q_proj.weight"])
+
+
+def test_train_build_gives_the_seed_s_model_and_a_warm_start_s_weights(tmp_path):
+    """train.build (meta skeleton -> plan -> materialize) equals GPT(cfg, seed) built eagerly, and with
+    --warmed_up_model it holds exactly the file's tensors."""
+    import train
+    tc, method, mc = train.parse_args(["--seed", "5", "--save_dir", str(tmp_path / "a")])
+    run = train.build(train.setup(tc, method, mc), 257)
+    ref = GPT(get_config("tiny", 257), seed=5).state_dict()
+    got = run.model.state_dict()
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    warm = GPT(get_config("tiny", 257), seed=9)
+    save_plain(warm, warm.config, tmp_path / "warm.pt")
+    tc, method, mc = train.parse_args(["--seed", "5", "--warmed_up_model", str(tmp_path / "warm.pt"),
+                                       "--save_dir", str(tmp_path / "b")])
+    got = train.build(train.setup(tc, method, mc), 257).model.state_dict()
+    assert all(torch.equal(v, got[k]) for k, v in warm.state_dict().items())
