@@ -22,9 +22,11 @@ the training runs' own tokens/s.
 LR sweep (--lrs, --seeds). Every method at every learning rate and seed, each cell a train.py
 process of its own with one thread, --jobs at a time (2 on a 2-core machine). A cell whose
 summary.json says it finished is not run again, and an interrupted one continues from its
-checkpoint, so a sweep stopped at any point picks up where it was. The results land in
---out/sweep.json (every cell), sweep.md (each method at its best LR, mean and spread over the
-seeds; the whole grid) and sweep_lr.png (validation loss against LR per method).
+checkpoint, so a sweep stopped at any point picks up where it was; a cell recorded in
+--out/sweep.json with the same flags counts as done too, so a committed sweep.json resumes without
+its cells/ folder. The results are rewritten as each cell finishes: --out/sweep.json (every cell),
+sweep.md (each method at its best LR, mean and spread over the seeds; the whole grid) and
+sweep_lr.png (validation loss against LR per method). --jobs 0 only writes them.
 """
 
 import argparse
@@ -168,7 +170,7 @@ def main(argv=None):
     p.add_argument("--timing_steps", type=int, default=10, help="updates per method per timing round")
     p.add_argument("--lrs", default=None, help="LR sweep: comma-separated learning rates (each method at each)")
     p.add_argument("--seeds", default=None, help="LR sweep: comma-separated seeds (default 0)")
-    p.add_argument("--jobs", type=int, default=2, help="LR sweep: cells run at once, one thread each")
+    p.add_argument("--jobs", type=int, default=2, help="LR sweep: cells run at once, one thread each (0: only the report)")
     args, common = p.parse_known_args(argv)
     extra = {}
     for item in args.method_args:
@@ -222,6 +224,11 @@ def cell_dir(out, method, lr, seed):
     return os.path.join(out, "cells", method, f"lr{lr:g}_seed{seed}")
 
 
+def cell_argv(method, lr, seed, common, extra):
+    """train.py's flags for one cell (its --save_dir aside)."""
+    return ["--method", method] + common + extra.get(method, []) + ["--lr", f"{lr:g}", "--seed", str(seed)]
+
+
 def cell_result(save_dir, steps):
     """The cell's summary if it finished `steps` updates, else None."""
     try:
@@ -232,19 +239,36 @@ def cell_result(save_dir, steps):
     return s if s.get("steps") == steps and not s.get("interrupted") else None
 
 
-def sweep(methods, lrs, seeds, common, extra, out, jobs):
-    """Run the missing cells, `jobs` at a time. -> {(method, lr, seed): summary} (failed cells absent)."""
+def recorded_cells(out):
+    """{(method, lr, seed): cell} from an earlier --out/sweep.json: a committed sweep resumes without its cells/."""
+    try:
+        with open(os.path.join(out, "sweep.json")) as fh:
+            return {(c["method"], c["lr"], c["seed"]): c for c in json.load(fh)["cells"]}
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def sweep(methods, lrs, seeds, common, extra, out, jobs, report):
+    """Run the missing cells, `jobs` at a time, calling report(results) after each one.
+    -> {(method, lr, seed): summary} (failed cells absent). A cell is done if its folder's summary.json
+    says it finished, or if --out/sweep.json records it with the same train.py flags."""
     import train
     steps = {m: train.parse_args(["--method", m] + common + extra.get(m, []))[0].num_training_steps for m in methods}
     cells = [(m, lr, s) for s, lr, m in itertools.product(seeds, lrs, methods)]  # seed by seed: a cut sweep has whole seeds
+    recorded = recorded_cells(out)
     results, todo = {}, []
     for m, lr, seed in cells:
+        argv = cell_argv(m, lr, seed, common, extra)
         s = cell_result(cell_dir(out, m, lr, seed), steps[m])
+        if s is None and recorded.get((m, lr, seed), {}).get("argv") == argv:
+            s = recorded[(m, lr, seed)]
         if s is None:
             todo.append((m, lr, seed))
         else:
-            results[(m, lr, seed)] = s
+            results[(m, lr, seed)] = dict(s, argv=argv)
     print(f"sweep: {len(cells)} cells, {len(results)} done before, {len(todo)} to run, {jobs} at a time", flush=True)
+    if jobs < 1:
+        return results
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     running, t0, finished = [], time.time(), 0
     while todo or running:
@@ -252,8 +276,7 @@ def sweep(methods, lrs, seeds, common, extra, out, jobs):
             m, lr, seed = todo.pop(0)
             d = cell_dir(out, m, lr, seed)
             os.makedirs(d, exist_ok=True)
-            cmd = ([sys.executable, os.path.join(HERE, "train.py"), "--method", m] + common + extra.get(m, [])
-                   + ["--lr", f"{lr:g}", "--seed", str(seed), "--save_dir", d, "--autoresume"])
+            cmd = [sys.executable, os.path.join(HERE, "train.py")] + cell_argv(m, lr, seed, common, extra) + ["--save_dir", d, "--autoresume"]
             log = open(os.path.join(d, "train.log"), "a")
             running.append(((m, lr, seed), subprocess.Popen(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT, env=env), log))
         time.sleep(0.5)
@@ -269,7 +292,8 @@ def sweep(methods, lrs, seeds, common, extra, out, jobs):
                 print(f"   {key[0]} lr {key[1]:g} seed {key[2]}: FAILED (exit {proc.returncode}); "
                       f"see {os.path.join(cell_dir(out, *key), 'train.log')}", file=sys.stderr, flush=True)
             else:
-                results[key] = s
+                results[key] = dict(s, argv=cell_argv(*key, common, extra))
+                report(results)
                 print(f"   {key[0]} lr {key[1]:g} seed {key[2]}: val_loss {s['val_loss']:.4f} "
                       f"({s['train_time_s']:.0f}s) | {left} left, eta {eta:.0f}s", flush=True)
     return results
@@ -340,30 +364,32 @@ def run_sweep(args, argv, methods, common, extra):
     if "--lr" in common or "--seed" in common:
         print("error: --lrs/--seeds set the LR and seed of every cell; drop --lr and --seed", file=sys.stderr)
         return 2
-    t0 = time.time()
-    results = sweep(methods, lrs, seeds, common, extra, args.out, args.jobs)
-    grid, best = sweep_summary(results, methods, lrs, seeds)
-    cpu_s = sum(r.get("wall_time_s", r["train_time_s"]) for r in results.values())
-    some = next(iter(results.values()), {})
-    train_tokens = data_train_tokens(common)
-    epochs = f", {some['tokens'] / train_tokens:.1f} epochs of the {train_tokens:,}-token training split" if some and train_tokens else ""
-    md = (f"Command: `python bench.py {' '.join(shlex.quote(a) for a in argv)}`  \n"
-          f"Machine: {machine()}; one thread per cell, {args.jobs} cells at a time; this invocation {time.time() - t0:.0f}s, "
-          f"{cpu_s / 3600:.2f} h of cell time in all.  \n"
-          f"Each cell: {some.get('steps', '?')} updates, {some.get('tokens', 0):,} tokens{epochs}; "
-          f"{len(results)} of {len(methods) * len(lrs) * len(seeds)} cells finished.\n\n"
-          f"{sweep_tables(grid, best, lrs) if best else '(no cell finished)'}\n")
-    cells = [{"method": m, "lr": lr, "seed": s, **{k: r.get(k) for k in ("val_loss", "train_loss", "steps", "tokens",
-              "train_time_s", "wall_time_s", "trainable_params")}} for (m, lr, s), r in sorted(results.items())]
-    with open(os.path.join(args.out, "sweep.json"), "w") as fh:
-        json.dump({"command": argv, "methods": methods, "lrs": lrs, "seeds": seeds, "cells": cells,
-                   "best_lr": best}, fh, indent=1)
-    with open(os.path.join(args.out, "sweep.md"), "w") as fh:
-        fh.write(md)
-    if best:
-        sweep_plot(grid, best, lrs, os.path.join(args.out, "sweep_lr.png"))
-    print(md)
-    return 0 if len(results) == len(methods) * len(lrs) * len(seeds) else 1
+    n_cells, train_tokens = len(methods) * len(lrs) * len(seeds), data_train_tokens(common)
+
+    def report(results):
+        """sweep.json (every finished cell), sweep.md (the tables) and sweep_lr.png, rewritten as cells finish."""
+        grid, best = sweep_summary(results, methods, lrs, seeds)
+        cell_s = sum(r.get("wall_time_s", r["train_time_s"]) for r in results.values())
+        some = next(iter(results.values()), {})
+        epochs = f", {some['tokens'] / train_tokens:.1f} epochs of the {train_tokens:,}-token training split" if some and train_tokens else ""
+        md = (f"Command: `python bench.py {' '.join(shlex.quote(a) for a in argv)}`  \n"
+              f"Machine: {machine()}; one thread per cell, {args.jobs} cells at a time; {cell_s / 3600:.2f} h of cell time in all.  \n"
+              f"Each cell: {some.get('steps', '?')} updates, {some.get('tokens', 0):,} tokens{epochs}; "
+              f"{len(results)} of {n_cells} cells finished.\n\n"
+              f"{sweep_tables(grid, best, lrs) if best else '(no cell finished)'}\n")
+        cells = [{"method": m, "lr": lr, "seed": s, **{k: r.get(k) for k in ("val_loss", "train_loss", "steps", "tokens",
+                  "train_time_s", "wall_time_s", "trainable_params", "argv")}} for (m, lr, s), r in sorted(results.items())]
+        with open(os.path.join(args.out, "sweep.json"), "w") as fh:
+            json.dump({"command": argv, "methods": methods, "lrs": lrs, "seeds": seeds, "best_lr": best, "cells": cells}, fh, indent=1)
+        with open(os.path.join(args.out, "sweep.md"), "w") as fh:
+            fh.write(md)
+        if best:
+            sweep_plot(grid, best, lrs, os.path.join(args.out, "sweep_lr.png"))
+        return md
+
+    results = sweep(methods, lrs, seeds, common, extra, args.out, args.jobs, report)
+    print(report(results))
+    return 0 if len(results) == n_cells else 1
 
 
 def data_train_tokens(common):

@@ -188,8 +188,9 @@ def test_bench_writes_a_table_with_ratios(data_dir, tmp_path):
 
 
 def test_lr_sweep_runs_every_cell_once_and_picks_the_best_lr(data_dir, tmp_path, capsys):
-    """bench.py --lrs/--seeds: a two-cell toy sweep; a second invocation runs nothing again, and a
-    missing cell is the only one run again (and gives the same loss: a cell is a function of its flags)."""
+    """bench.py --lrs/--seeds: a two-cell toy sweep. A second invocation runs nothing again, also from
+    sweep.json alone (cells/ deleted); a cell missing from both is the only one run again, with the same
+    loss (a cell is a function of its flags); a sweep.json of other flags does not count."""
     import bench
     argv = ["--methods", "full", "--lrs", "1e-3,3e-2", "--seeds", "0", "--out", str(tmp_path / "s"), *TINY,
             "--num_training_steps", "3", "--data_dir", data_dir]
@@ -207,11 +208,21 @@ def test_lr_sweep_runs_every_cell_once_and_picks_the_best_lr(data_dir, tmp_path,
     capsys.readouterr()
     assert bench.main(argv) == 0
     assert "2 done before, 0 to run" in capsys.readouterr().out
-    shutil.rmtree(tmp_path / "s" / "cells" / "full" / "lr0.001_seed0")
+    shutil.rmtree(tmp_path / "s" / "cells")
+    assert bench.main(argv) == 0
+    assert "2 done before, 0 to run" in capsys.readouterr().out
+    record = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    record["cells"] = record["cells"][1:]
+    (tmp_path / "s" / "sweep.json").write_text(json.dumps(record))
+    assert bench.main(argv + ["--jobs", "0"]) == 1  # report only: one cell missing
+    assert "1 done before, 1 to run" in capsys.readouterr().out
     assert bench.main(argv) == 0
     assert "1 done before, 1 to run" in capsys.readouterr().out
     again = json.loads((tmp_path / "s" / "sweep.json").read_text())["cells"]
     assert [(c["lr"], c["val_loss"], c["train_loss"]) for c in again] == [(c["lr"], c["val_loss"], c["train_loss"]) for c in out["cells"]]
+    shutil.rmtree(tmp_path / "s" / "cells")
+    assert bench.main(argv + ["--warmup_steps", "2", "--jobs", "0"]) == 1
+    assert "0 done before, 2 to run" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- never lose a run
