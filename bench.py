@@ -387,7 +387,11 @@ def run_sweep(args, argv, methods, common, extra):
             sweep_plot(grid, best, lrs, os.path.join(args.out, "sweep_lr.png"))
         return md
 
-    results = sweep(methods, lrs, seeds, common, extra, args.out, args.jobs, report)
+    try:
+        results = sweep(methods, lrs, seeds, common, extra, args.out, args.jobs, report)
+    except KeyboardInterrupt:  # the running cells got the Ctrl-C too: they checkpoint and stop
+        print("\ninterrupted: finished cells are in sweep.json; the same command continues the sweep", file=sys.stderr)
+        return 130
     print(report(results))
     return 0 if len(results) == n_cells else 1
 
