@@ -244,10 +244,15 @@ def evaluate(model, windows, batch_size, device, autocast, rank=0, world=1):
     return (total[0] / total[1]).item()
 
 
+def fingerprint(model):
+    """One float64 number per state tensor (sum of squares + sum): parameters, buffers, integer codes too."""
+    return torch.stack([t.detach().double().pow(2).sum() + t.detach().double().sum()
+                        for t in model.state_dict().values() if not t.is_complex()]).cpu()
+
+
 def assert_ranks_agree(model, step):
-    """Every rank holds bit-identical parameters and buffers (a float64 fingerprint per tensor, integer codes too)."""
-    fp = torch.stack([t.detach().double().pow(2).sum() + t.detach().double().sum()
-                      for t in model.state_dict().values() if not t.is_complex()]).cpu()
+    """Every rank holds bit-identical parameters and buffers (their fingerprints are equal)."""
+    fp = fingerprint(model)
     gathered = [torch.zeros_like(fp) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, fp)
     if any(not torch.equal(gathered[0], g) for g in gathered[1:]):

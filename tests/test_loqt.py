@@ -616,6 +616,22 @@ def test_ddp_ranks_agree(torchrun, tmp_path):
     assert [r["step"] for r in records if "method/refresh" in r] == [1, 2, 3, 4]
 
 
+
+def test_rank_fingerprint_sees_a_changed_nf4_code():
+    """--check_ranks_every compares train.fingerprint across ranks: one changed uint8 code of the NF4
+    weights (no float tensor changed) changes it."""
+    torch.manual_seed(0)
+    model = GPT(get_config("tiny", 257))
+    loqt.wrap(model, loqt.Config(lora_r=8))
+    codes = [(k, v) for k, v in model.state_dict().items() if v.dtype == torch.uint8]
+    assert codes
+    before = train.fingerprint(model)
+    name, t = codes[0]
+    t.view(-1)[0] ^= 0x11  # both nibbles of the first byte: two weights' codes
+    after = train.fingerprint(model)
+    changed = (before != after).nonzero().flatten().tolist()
+    assert changed == [list(model.state_dict()).index(name)]
+
 def test_ddp_equals_single_process_gradient_accumulation(torchrun, train_run, tmp_path):
     """The all-reduced ∂L/∂W: 2 ranks × 4 sequences == 1 process × 2 micro-batches of 4 (same global batch).
 
