@@ -230,12 +230,17 @@ def cell_argv(method, lr, seed, common, extra):
 
 
 def cell_result(save_dir, steps):
-    """The cell's summary if it finished `steps` updates, else None."""
+    """The cell's summary if it finished `steps` updates, else None. Adds `train_loss_tail`: the mean
+    logged training loss over the last tenth of the updates (one batch's loss is too noisy to compare)."""
     try:
         with open(os.path.join(save_dir, "summary.json")) as fh:
             s = json.load(fh)
+        with open(os.path.join(save_dir, "metrics.jsonl")) as fh:
+            logged = [r for r in map(json.loads, filter(str.strip, fh)) if "loss" in r and "step" in r]
     except (OSError, ValueError):
         return None
+    tail = [r["loss"] for r in logged if r["step"] > 0.9 * steps]
+    s["train_loss_tail"] = statistics.mean(tail) if tail else s.get("train_loss")
     return s if s.get("steps") == steps and not s.get("interrupted") else None
 
 
@@ -307,7 +312,7 @@ def sweep_summary(results, methods, lrs, seeds):
             runs = [results[(m, lr, s)] for s in seeds if (m, lr, s) in results]
             if runs:
                 v = [r["val_loss"] for r in runs]
-                t = [r["train_loss"] for r in runs]
+                t = [r.get("train_loss_tail", r["train_loss"]) for r in runs]
                 grid[(m, lr)] = {"val_mean": statistics.mean(v), "val_min": min(v), "val_max": max(v),
                                  "train_mean": statistics.mean(t), "seeds": len(runs)}
     best = {}
@@ -320,7 +325,8 @@ def sweep_summary(results, methods, lrs, seeds):
 
 def sweep_tables(grid, best, lrs):
     base = grid.get(("full", best["full"])) if "full" in best else None
-    head = "| method | best lr | val loss (mean) | over seeds (min-max) | train loss | val - train | val vs full |"
+    head = ("| method | best lr | val loss (mean) | over seeds (min-max) | train loss (last 10% of updates) "
+            "| val - train | val vs full |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for m, lr in best.items():
         g = grid[(m, lr)]
@@ -377,7 +383,7 @@ def run_sweep(args, argv, methods, common, extra):
               f"Each cell: {some.get('steps', '?')} updates, {some.get('tokens', 0):,} tokens{epochs}; "
               f"{len(results)} of {n_cells} cells finished.\n\n"
               f"{sweep_tables(grid, best, lrs) if best else '(no cell finished)'}\n")
-        cells = [{"method": m, "lr": lr, "seed": s, **{k: r.get(k) for k in ("val_loss", "train_loss", "steps", "tokens",
+        cells = [{"method": m, "lr": lr, "seed": s, **{k: r.get(k) for k in ("val_loss", "train_loss", "train_loss_tail", "steps", "tokens",
                   "train_time_s", "wall_time_s", "trainable_params", "argv")}} for (m, lr, s), r in sorted(results.items())]
         with open(os.path.join(args.out, "sweep.json"), "w") as fh:
             json.dump({"command": argv, "methods": methods, "lrs": lrs, "seeds": seeds, "best_lr": best, "cells": cells}, fh, indent=1)
