@@ -378,8 +378,9 @@ def run_sweep(args, argv, methods, common, extra):
         cell_s = sum(r.get("wall_time_s", r["train_time_s"]) for r in results.values())
         some = next(iter(results.values()), {})
         epochs = f", {some['tokens'] / train_tokens:.1f} epochs of the {train_tokens:,}-token training split" if some and train_tokens else ""
-        md = (f"Command: `python bench.py {' '.join(shlex.quote(a) for a in argv)}`  \n"
-              f"Machine: {machine()}; one thread per cell, {args.jobs} cells at a time; {cell_s / 3600:.2f} h of cell time in all.  \n"
+        shown = [a for i, a in enumerate(argv) if a != "--jobs" and (i == 0 or argv[i - 1] != "--jobs")]  # jobs: how, not what
+        md = (f"Command: `python bench.py {' '.join(shlex.quote(a) for a in shown)}`  \n"
+              f"Machine: {machine()}; one thread per cell; {cell_s / 3600:.2f} h of cell time in all.  \n"
               f"Each cell: {some.get('steps', '?')} updates, {some.get('tokens', 0):,} tokens{epochs}; "
               f"{len(results)} of {n_cells} cells finished.\n\n"
               f"{sweep_tables(grid, best, lrs) if best else '(no cell finished)'}\n")
