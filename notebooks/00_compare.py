@@ -111,9 +111,10 @@ else:
 # %% [markdown]
 # ## Loss, tuned: every method at its best learning rate
 # A loss comparison at one learning rate favours whichever method that LR happens to suit. The
-# committed sweep in `docs/sweep_tiny/` ran every method at four learning rates and two seeds for
-# 1,000 updates each (`python bench.py --lrs ...`, the command is at the top of the table; 48 runs of
-# a few CPU-minutes each, two at a time). This notebook reads its `sweep.json`; it does not re-run it.
+# committed sweep in `docs/sweep_tiny/` runs every method at four learning rates and two seeds for
+# 1,000 updates each (`python bench.py --lrs ...`: the command and how many of its 48 cells have
+# finished are at the top of the table; each cell takes a few CPU-minutes, two run at a time). This
+# notebook reads its `sweep.json`; it does not re-run it.
 
 # %%
 sweep_dir = os.path.abspath("../docs/sweep_tiny")
