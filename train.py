@@ -138,7 +138,7 @@ class TrainConfig:
 
 
 USER_ERRORS = (TrainingError, ValueError, FileNotFoundError)
-CORE_FILES = {"model", "data", "train", "runfiles", "bench", "memory", "sample", "export", "setup", "conftest"}
+CORE_FILES = {"model", "data", "train", "runfiles", "bench", "sweep", "memory", "sample", "export", "setup", "conftest"}
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, as a shell reports it
 
 # ----------------------------------------------------------------------------- command line
