@@ -100,6 +100,9 @@ class TrainConfig:
     scheduler: str = opt("cosine", "cosine | linear | constant (relora adds cosine_restarts)")
     min_lr_ratio: float = opt(0.1, "final LR as a fraction of --lr")
     weight_decay: float = opt(0.0, "AdamW weight decay on 2-D tensors")
+    matrix_lr_ratio: float = opt(1.0, "full-rank only: LR of the transformer blocks' weight matrices (the ones the "
+                                      "low-rank methods reparametrise) as a fraction of --lr; embeddings, head and "
+                                      "norms keep --lr")
     adam_beta1: float = opt(0.9, "AdamW beta1")
     adam_beta2: float = opt(0.999, "AdamW beta2")
     adam_eps: float = opt(1e-8, "AdamW epsilon (GaLore-lineage repos use 1e-6)", aliases=["--adamw_eps"])
@@ -218,10 +221,13 @@ def lr_schedule(step, tc):
 
 
 def default_optimizer(model, tc):
-    """AdamW over trainable parameters; weight decay on matrices only (nanoGPT)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    """AdamW over trainable parameters; weight decay on matrices only (nanoGPT). --matrix_lr_ratio scales
+    the LR of the blocks' matrices alone (a per-layer LR experiment for full-rank training)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    block = [p for n, p in named if p.dim() >= 2 and n.startswith("layers.")]
+    groups = [{"params": block, "weight_decay": tc.weight_decay, "lr": tc.lr * tc.matrix_lr_ratio},
+              {"params": [p for n, p in named if p.dim() >= 2 and not n.startswith("layers.")], "weight_decay": tc.weight_decay},
+              {"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr,
                              betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps)
 
@@ -336,6 +342,8 @@ def check_geometry(tc):
     tc.grad_accum = tc.total_batch_size // (tc.batch_size * tc.world_size)
     if tc.num_training_steps < 1:
         raise TrainingError("--num_training_steps must be at least 1")
+    if tc.matrix_lr_ratio != 1.0 and (tc.method != "full" or tc.matrix_lr_ratio <= 0):
+        raise TrainingError(f"--matrix_lr_ratio {tc.matrix_lr_ratio:g}: a positive ratio, for --method full only")
     if tc.per_layer_updates:
         why = ("--grad_clipping 0 (the norm of all gradients never exists)" if tc.grad_clipping > 0 else
                "one micro-step per update (--total_batch_size = --batch_size)" if tc.grad_accum > 1 else

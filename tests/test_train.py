@@ -122,6 +122,26 @@ def test_bad_inputs_raise_one_clear_error(train_run, tmp_path):
         train_run("--dataset", tmp_path / "short.txt", save_dir=tmp_path / "bad")
 
 
+def test_matrix_lr_ratio_scales_the_first_step_of_the_block_matrices_only(train_run, tmp_path):
+    """Adam's first step moves each element by about the group's LR: with --matrix_lr_ratio 0.25 the blocks'
+    matrices move a quarter as far as at ratio 1, the embedding and the norms just as far."""
+    from model import get_config
+    init = GPT(get_config("tiny", 257), seed=0).state_dict()
+    moved = {}
+    for ratio in (1.0, 0.25):
+        out = tmp_path / f"r{ratio}"
+        train_run("--num_training_steps", "1", "--warmup_steps", "0", "--lr", "1e-3", "--matrix_lr_ratio", ratio,
+                  save_dir=out)
+        w = weights(out)
+        moved[ratio] = {k: (w[k] - init[k]).abs().max().item() for k in init}
+    for k in init:
+        ratio = 0.25 if k.startswith("layers.") and init[k].dim() == 2 else 1.0
+        assert moved[0.25][k] == pytest.approx(ratio * moved[1.0][k], rel=0.02), k
+    assert moved[1.0]["layers.0.mlp.up_proj.weight"] == pytest.approx(1e-3, rel=0.02)
+    with pytest.raises(train.TrainingError, match="for --method full only"):
+        train_run("--method", "relora", "--matrix_lr_ratio", "0.5", save_dir=tmp_path / "bad")
+
+
 def test_cli_prints_one_line_and_exits_2(data_dir, tmp_path):
     proc = run_cli("--method", "nope", "--data_dir", data_dir, "--save_dir", tmp_path / "x")
     assert proc.returncode == 2
