@@ -355,7 +355,7 @@ def before_step(step, model, opt, cfg, train):
         coef = (limit / (n + 1e-6)).clamp(max=1.0)  # (N,) or (1,), as torch's clip_grad_norm_ computes it
         for p in tensors:
             p.grad.mul_(coef.to(p.grad.dtype).view(-1, *[1] * (p.dim() - 1)))
-    return {"head_grad_norm_max": norms.max()} if (step + 1) % train.log_every == 0 else {}
+    return {"head_grad_norm_max": norms.max()} if train.log_every and (step + 1) % train.log_every == 0 else {}
 
 
 def param_step(step, p, model, opt, cfg, train):

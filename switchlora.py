@@ -476,7 +476,7 @@ def after_step(step, model, opt, cfg, train):
     layers = [m for _, m in lora_layers(model) if m.switchable]
     for m in layers:
         m.fold()
-    if not layers or (step + 1) % train.log_every:
+    if not layers or not train.log_every or (step + 1) % train.log_every:
         return {}
     return {"switched": sum(m.n_switched for m in layers), "switch_interval": switch_interval(step, cfg, train)}
 

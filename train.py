@@ -119,9 +119,9 @@ class TrainConfig:
     compile: bool = opt(False, "torch.compile the model")
     seed: int = opt(0, "seeds the model init, the data order and every method event")
     # evaluation, logging, checkpoints
-    eval_every: int = opt(100, "validate every N updates (and at the end)")
+    eval_every: int = opt(100, "validate every N updates (and at the end); 0: only at the end")
     eval_tokens: int = opt(65536, "validation tokens (fixed windows: every method sees the same ones)")
-    log_every: int = opt(10, "print and record train metrics every N updates")
+    log_every: int = opt(10, "print and record train metrics every N updates (and at the end); 0: only at the end")
     save_every: int = opt(250, "checkpoint every N updates (and at the end); 0: only at the end")
     save_dir: str = opt(None, "output folder (default: out/<method>)")
     autoresume: bool = opt(False, "continue from save_dir/ckpt.pt if it exists")
@@ -342,6 +342,9 @@ def check_geometry(tc):
     tc.grad_accum = tc.total_batch_size // (tc.batch_size * tc.world_size)
     if tc.num_training_steps < 1:
         raise TrainingError("--num_training_steps must be at least 1")
+    for flag in ("eval_every", "log_every", "save_every", "check_ranks_every"):
+        if getattr(tc, flag) < 0:
+            raise TrainingError(f"--{flag} must be 0 (off) or a positive number of updates, got {getattr(tc, flag)}")
     if tc.matrix_lr_ratio != 1.0 and (tc.method != "full" or tc.matrix_lr_ratio <= 0):
         raise TrainingError(f"--matrix_lr_ratio {tc.matrix_lr_ratio:g}: a positive ratio, for --method full only")
     if tc.per_layer_updates:
@@ -670,18 +673,19 @@ def fit(run, argv):
             bar.update(1)
             bar.set_postfix(loss=f"{loss_val:.3f}")
             events = {k: float(v) for k, v in events.items()}
-            if step_done % tc.log_every == 0 or events or last:
+            logging_now = bool(tc.log_every) and step_done % tc.log_every == 0
+            if logging_now or events or last:
                 rec = {"step": step_done, "tokens": step_done * tokens_per_step, "loss": loss_val, "lr": tc.lr * lr_multiplier(run, step),
                        "dt_ms": 1000 * dt, "tokens_per_sec": tokens_per_step / dt,
                        **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
                        **{f"method/{k}": v for k, v in events.items()}}
                 record(rec)
-                if step_done % tc.log_every == 0 or last:
+                if logging_now or last:
                     say(f"step {step_done} | loss {loss_val:.4f} | lr {rec['lr']:.2e} | dt {1000 * dt:.0f}ms "
                         f"| tok/s {tokens_per_step / dt:,.0f}" + "".join(f" | {k} {v:.4g}" for k, v in events.items()))
             if tc.check_ranks_every and tc.world_size > 1 and step_done % tc.check_ranks_every == 0:
                 assert_ranks_agree(model, step)
-            if step_done % tc.eval_every == 0 or last:
+            if (tc.eval_every and step_done % tc.eval_every == 0) or last:
                 vl = evaluate(model, val_windows, tc.batch_size, run.device, run.autocast, tc.rank, tc.world_size)
                 record({"step": step_done, "tokens": step_done * tokens_per_step, "val_loss": vl, "val_ppl": math.exp(min(vl, 50))})
                 say(f"step {step_done} | val_loss {vl:.4f} | val_ppl {math.exp(min(vl, 50)):.2f}")

@@ -287,6 +287,8 @@ def test_more_bad_inputs_fail_early_with_one_line_that_names_the_cause(train_run
             train_run("--device", "cuda", save_dir=tmp_path / "c")
     with pytest.raises(train.TrainingError, match="--batch_size must be at least 1"):
         train_run("--batch_size", "0", save_dir=tmp_path / "b")
+    with pytest.raises(train.TrainingError, match="--eval_every must be 0 .off. or a positive"):
+        train_run("--eval_every", "-1", save_dir=tmp_path / "b")
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     with pytest.raises(train.TrainingError, match="--save_dir .* cannot be created"):
@@ -324,6 +326,13 @@ def test_wandb_offline_logs_the_records_of_metrics_jsonl(train_run, tmp_path, mo
     out = train_run("--wandb", "--wandb_run_name", "t", save_dir=tmp_path / "wb")
     assert [(r["step"], {k: v for k, v in r.items() if k != "step"}) for r in out["metrics"]] == logged
     assert list((tmp_path / "wb" / "wandb").glob("offline-run-*"))  # an offline run, no network
+
+
+@pytest.mark.parametrize("method", ["full", "switchlora", "lte"])  # the two that log events every --log_every
+def test_zero_eval_and_log_intervals_mean_only_at_the_end(train_run, method):
+    out = train_run("--method", method, "--eval_every", "0", "--log_every", "0", "--save_every", "0")
+    assert [r["step"] for r in out["metrics"] if "val_loss" in r] == [4]
+    assert [r["step"] for r in out["metrics"] if "loss" in r] == [4]
 
 
 def test_log_lines_go_through_the_progress_bar(data_dir, tmp_path):
