@@ -94,7 +94,7 @@ class TrainConfig:
     # batch and optimisation
     batch_size: int = opt(16, "sequences per micro-batch per device")
     total_batch_size: int = opt(0, "sequences per update over all micro-steps and ranks (0: batch_size x ranks)")
-    lr: float = opt(3e-3, "peak learning rate")
+    lr: float = opt(2e-3, "peak learning rate (full-rank's best on tiny in the README's LR sweep; a method file may set its own)")
     warmup_steps: int = opt(50, "linear warmup steps", aliases=["--warmup"])
     num_training_steps: int = opt(500, "number of optimizer updates")
     scheduler: str = opt("cosine", "cosine | linear | constant (relora adds cosine_restarts)")

@@ -39,7 +39,7 @@ def test_default_command_smoke(data_dir, tmp_path):
     # Adam's two moments, plus one scalar step tensor per parameter
     assert 0 <= summary["optimizer_state_bytes"] - 2 * summary["param_bytes"] <= 8 * 64
     config = json.loads((out / "config.json").read_text())
-    assert config["train"]["lr"] == 3e-3 and "git_commit" in config
+    assert config["train"]["lr"] == 2e-3 and "git_commit" in config
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in r for r in records) and all("step" in r and "tokens" in r for r in records)
 
