@@ -198,7 +198,8 @@ for r in events:
     print(f"update {r['step'] - 1:4d}: merge #{r['method/relora_merges']}, "
           f"optimizer_zeroed_frac {r['method/optimizer_zeroed_frac']:.3f}, lr {r['lr']:.2e}")
 merge_steps = [r["step"] - 1 for r in events]  # 0-based update after which the merge ran
-logged = {r["step"] - 1: r["lr"] / train.TrainConfig().lr for r in m_relora if "lr" in r}  # default --lr
+peak_lr = train.parse_args(["--method", "relora"])[0].lr  # the run used ReLoRA's default --lr
+logged = {r["step"] - 1: r["lr"] / peak_lr for r in m_relora if "lr" in r}
 print("max |logged LR multiplier - relora.lr_multiplier|:", max(abs(logged[t] - jagged[t]) for t in logged))
 for name, sub in (("ReLoRA", "relora"), ("LoRA", "lora"), ("full", "full")):
     exported = torch.load(os.path.join(OUT, sub, "model.pt"), weights_only=True)["model"][LAYER + ".weight"]
