@@ -371,7 +371,8 @@ def test_resume_equals_unbroken_run_and_model_pt_is_the_wrapped_model(train_run,
     model.load_state_dict(ck_a["model"])
     assert any(m.lora_B.abs().sum() > 0 for m in lora_layers(model))  # the adapter is live at the end
     x = torch.randint(0, plain.config.vocab_size, (2, 32))
-    assert torch.allclose(logits(plain, x), logits(model, x), rtol=0, atol=1e-5)
+    # float32 rounding of the exported W + sBA, through 4 layers: 2.4e-5 at ReLoRA's default lr 4e-3
+    assert torch.allclose(logits(plain, x), logits(model, x), rtol=0, atol=1e-4)
 
 
 def test_bf16_storage_resumes_exactly(train_run, tmp_path):
