@@ -114,16 +114,19 @@ else:
 # committed sweep in `docs/sweep_tiny/` runs every method at four learning rates and two seeds for
 # 1,000 updates each (`python bench.py --lrs ...`: the command and how many of its 48 cells have
 # finished are at the top of the table; each cell takes a few CPU-minutes, two run at a time). This
-# notebook reads its `sweep.json`; it does not re-run it.
+# notebook reads its `sweep.json`; it does not re-run it. SwitchLoRA's best was at the grid's edge,
+# so its curve continues with the cells of `docs/why_tiny/switchlora_lr` (0.016 to 0.128).
 
 # %%
 sweep_dir = os.path.abspath("../docs/sweep_tiny")
 display(Markdown(open(os.path.join(sweep_dir, "sweep.md")).read()))
 sweep = json.load(open(os.path.join(sweep_dir, "sweep.json")))
+more = json.load(open(os.path.abspath("../docs/why_tiny/switchlora_lr/sweep.json")))["cells"]
+cells = sweep["cells"] + [c for c in more if c["lr"] > max(sweep["lrs"])]
 fig, ax = plt.subplots(figsize=(6.5, 3.8))
 for m in sweep["methods"]:
     by_lr = {}
-    for c in sweep["cells"]:
+    for c in cells:
         if c["method"] == m:
             by_lr.setdefault(c["lr"], []).append(c["val_loss"])
     lrs = sorted(by_lr)
@@ -136,6 +139,32 @@ ax.set(xscale="log", xlabel="learning rate", ylabel="validation loss after 1,000
 ax.grid(alpha=0.3)
 ax.legend(fontsize=8)
 plt.show()
+
+# %% [markdown]
+# ## Why ReLoRA and SwitchLoRA lead on `tiny`
+# Tuned, ReLoRA and SwitchLoRA still end below full-rank. The runs in `docs/why_tiny/` (same
+# 1,000 updates; each folder's `sweep.md` has its command) test the candidate causes one at a time:
+# more seeds (is the lead real?), ReLoRA without its LoRA dropout and with a plain cosine (a
+# regulariser, the schedule?), and full-rank with a **per-layer learning rate**
+# (`--matrix_lr_ratio`: the blocks' matrices at a fraction of `--lr`, embeddings, head and norms at
+# `--lr`). In ReLoRA and SwitchLoRA the embeddings, head and norms train at the method's own, larger
+# LR while the blocks' matrices move only through the low-rank product; full-rank given the same
+# split is the last rows.
+
+# %%
+rows = [("four_seeds_full", "full, lr 2e-3 (4 seeds)"), ("four_seeds_relora", "relora, lr 4e-3 (4 seeds)"),
+        ("four_seeds_switchlora", "switchlora, lr 3.2e-2 (4 seeds)"),
+        ("relora_no_dropout", "relora, --lora_dropout 0"), ("relora_plain_cosine", "relora, --scheduler cosine"),
+        ("full_matrix_lr_half", "full, lr 4e-3, matrices x 1/2 (2e-3)"),
+        ("full_matrix_lr_eighth", "full, lr 1.6e-2, matrices x 1/8 (2e-3)")]
+table = ["| run | val loss (mean) | seeds (min-max) | train loss |", "|---|---|---|---|"]
+for folder, label in rows:
+    path = os.path.abspath(f"../docs/why_tiny/{folder}/sweep.json")
+    if os.path.exists(path):
+        v = [c["val_loss"] for c in json.load(open(path))["cells"]]
+        t = [c["train_loss_tail"] for c in json.load(open(path))["cells"]]
+        table.append(f"| {label} | {sum(v) / len(v):.4f} | {min(v):.4f}-{max(v):.4f} | {sum(t) / len(t):.4f} |")
+display(Markdown("\n".join(table)))
 
 # %% [markdown]
 # ## What to try next
