@@ -224,9 +224,11 @@ def default_optimizer(model, tc):
     """AdamW over trainable parameters; weight decay on matrices only (nanoGPT). --matrix_lr_ratio scales
     the LR of the blocks' matrices alone (a per-layer LR experiment for full-rank training)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    block = [p for n, p in named if p.dim() >= 2 and n.startswith("layers.")]
-    groups = [{"params": block, "weight_decay": tc.weight_decay, "lr": tc.lr * tc.matrix_lr_ratio},
-              {"params": [p for n, p in named if p.dim() >= 2 and not n.startswith("layers.")], "weight_decay": tc.weight_decay},
+    # a group of their own only when scaled: checkpoints of ordinary runs keep the two-group layout
+    scaled = {n for n, p in named if p.dim() >= 2 and n.startswith("layers.")} if tc.matrix_lr_ratio != 1.0 else set()
+    groups = [{"params": [p for n, p in named if n in scaled], "weight_decay": tc.weight_decay,
+               "lr": tc.lr * tc.matrix_lr_ratio},
+              {"params": [p for n, p in named if p.dim() >= 2 and n not in scaled], "weight_decay": tc.weight_decay},
               {"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr,
                              betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps)

@@ -134,6 +134,8 @@ def test_matrix_lr_ratio_scales_the_first_step_of_the_block_matrices_only(train_
                   save_dir=out)
         w = weights(out)
         moved[ratio] = {k: (w[k] - init[k]).abs().max().item() for k in init}
+        groups = torch.load(out / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"]
+        assert len(groups) == (2 if ratio == 1.0 else 3)  # ordinary runs keep the checkpoint layout they had
     for k in init:
         ratio = 0.25 if k.startswith("layers.") and init[k].dim() == 2 else 1.0
         assert moved[0.25][k] == pytest.approx(ratio * moved[1.0][k], rel=0.02), k
