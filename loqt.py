@@ -131,8 +131,9 @@ Usage:
         --optimizer adam8bit --per_layer_updates --grad_clipping 0 --batch_size 1 --max_length 256
 
 Defaults, paper scripts (lr 0.01) vs here (tiny, lr 4e-3: the best on tiny in the README's LR sweep,
-TRAIN_DEFAULTS; 500 steps): r 128-256 vs 32; s 0.4-0.5 vs 1.0 (s·lr 5e-3 vs 4e-3); τ 100 vs 50, exponential, ψ 1.2 (10 refreshes in 500 steps); K 5; NF4 W and
-P. The original's command-line defaults are static τ 50, K 0, no quantization, s 0.5.
+TRAIN_DEFAULTS; 500 steps): r 128-256 vs 32; s 0.4-0.5 vs 1.0 (s·lr 5e-3 vs 4e-3); τ 100 vs 50,
+exponential, ψ 1.2 (10 refreshes in 500 steps); K 5; NF4 W and P. The original's command-line
+defaults are static τ 50, K 0, no quantization, s 0.5.
 """
 
 import functools

@@ -128,8 +128,8 @@ LTE's peak comes at the start of the backward, before any gradient exists, so --
 does not lower it (its gradients are the small ones). The estimate matches a real CPU run to 0.0%
 (memory.py --check, llama_9m, both storage dtypes).
 
-Defaults: the paper's vs the ones here (for `tiny`: 4 layers, width 128, batch 16, lr 2e-3: the best on tiny
-in the README's LR sweep, TRAIN_DEFAULTS; the numbers below were measured at lr 3e-3)
+Defaults: the paper's vs the ones here (for `tiny`: 4 layers, width 128, batch 16, lr 2e-3, the
+best on tiny in the README's LR sweep, TRAIN_DEFAULTS; the numbers below were measured at lr 3e-3)
     paper/README: --num_heads 32 --lora_r 32 (main table 64) --lora_alpha 4096 --merge_iter 10, with
                   0.05-0.1x the usual LR; the library's LTEConfig: 1 head, r 8, alpha 16, merge every step
     here:         --num_heads 4 --lora_r 32 --lora_alpha 32 (s = 1) --merge_iter 10 at the usual LR
