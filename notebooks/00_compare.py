@@ -161,8 +161,8 @@ table = ["| run | val loss (mean) | seeds (min-max) | train loss |", "|---|---|-
 for folder, label in rows:
     path = os.path.abspath(f"../docs/why_tiny/{folder}/sweep.json")
     if os.path.exists(path):
-        v = [c["val_loss"] for c in json.load(open(path))["cells"]]
-        t = [c["train_loss_tail"] for c in json.load(open(path))["cells"]]
+        runs = json.load(open(path))["cells"]
+        v, t = [c["val_loss"] for c in runs], [c["train_loss_tail"] for c in runs]
         table.append(f"| {label} | {sum(v) / len(v):.4f} | {min(v):.4f}-{max(v):.4f} | {sum(t) / len(t):.4f} |")
 display(Markdown("\n".join(table)))
 

@@ -330,7 +330,7 @@ def test_wandb_offline_logs_the_records_of_metrics_jsonl(train_run, tmp_path, mo
     assert list((tmp_path / "wb" / "wandb").glob("offline-run-*"))  # an offline run, no network
 
 
-@pytest.mark.parametrize("method", ["full", "switchlora", "lte"])  # the two that log events every --log_every
+@pytest.mark.parametrize("method", ["full", "switchlora", "lte"])  # full, and the two whose events use --log_every
 def test_zero_eval_and_log_intervals_mean_only_at_the_end(train_run, method):
     out = train_run("--method", method, "--eval_every", "0", "--log_every", "0", "--save_every", "0")
     assert [r["step"] for r in out["metrics"] if "val_loss" in r] == [4]
