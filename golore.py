@@ -178,6 +178,11 @@ class Config:
     factor_dtype: str = field(default="storage", metadata={
         "help": "dtype of R and its AdamW state: storage (--storage_dtype's), or float32 (under bfloat16 "
                 "storage: more precise, 8 more bytes per entry of R)", "choices": ["storage", "float32"]})
+    optimizer: str = field(default="adamw", metadata={
+        "help": "adamw (torch's; its state in R's dtype) | adam8bit (R's projected moments as 8-bit block codes)",
+        "choices": ["adamw", "adam8bit"]})
+    adam8bit_embeddings: bool = field(default=False, metadata={
+        "help": "adam8bit: 8-bit moments for the embeddings and lm_head too (default: torch's AdamW state)"})
 
 
 # memory.py: a projection (the SVD, the costly kind with the default rand_ratio) at every update
@@ -273,6 +278,9 @@ class GoLoreLinear(nn.Module):
                 M = state[key]  # (m, r) or (r, n): lifted with P_old, projected with P, through an r×r product
                 M32 = at_least_fp32(M)
                 M.copy_(M32 @ (P_old @ P.T) if self.right else (P.T @ P_old) @ M32)
+        if "m_codes" in state:  # --optimizer adam8bit: the same product on the decoded first moment, re-encoded
+            M32 = first_moment(state).view(self.factor.shape)
+            set_first_moment(state, M32 @ (P_old @ P.T) if self.right else (P.T @ P_old) @ M32)
         self.factor.zero_()
         self.factor.grad = self.factor_grad(G)  # R.grad <- -s·G·Pᵀ: the optimizer still steps on this update
         return self.factor.grad.pow(2).sum() / (self.scale ** 2 * G.pow(2).sum()).clamp_min(1e-30)
@@ -289,6 +297,8 @@ def wrap(model, cfg, train=None):
     """Replace every attn/mlp nn.Linear by a GoLoreLinear (in place). The rest stays trainable."""
     if cfg.r < 1 or cfg.update_proj_gap < 1 or cfg.rand_ratio < 0 or cfg.scale == 0:
         raise ValueError("golore needs --rank >= 1, --update_proj_gap >= 1, --rand_ratio >= 0 and a nonzero --scale")
+    if cfg.adam8bit_embeddings and cfg.optimizer != "adam8bit":
+        raise ValueError("--adam8bit_embeddings needs --optimizer adam8bit")
     if train is not None and train.dtype == "float16":
         raise ValueError("golore does not support --dtype float16 (the GradScaler would not unscale the full "
                          "gradient G); use bfloat16 or float32")
@@ -299,6 +309,136 @@ def wrap(model, cfg, train=None):
             raise ValueError(f"--rank {cfg.r} exceeds min(out, in) = {min(base.weight.shape)} of {name}")
         setattr(model.get_submodule(parent), child, GoLoreLinear(base, cfg.r, cfg.scale, cfg.factor_dtype))
     return model
+
+
+# ----------------------------------------------------------------------------- the optimizer: AdamW, or 8-bit AdamW
+# same block-wise 8-bit scheme as loqt.py (intended duplication: each method file is self-contained)
+
+
+def dynamic_levels(signed, zero=True):
+    """8-bit dynamic code: decade i (values in (10^-i-1, 10^-i]) gets 2^(bits-1-i) linear steps, so
+    precision is relative, like a float with a variable-length exponent (Dettmers et al. 2022).
+    signed: 127 magnitudes, their negatives and 0; unsigned without zero: 255 magnitudes."""
+    bits = 7 if signed else 8
+    mags = [10.0 ** -i * (0.1 + 0.9 * j / 2 ** (bits - 1 - i)) for i in range(bits) for j in range(1, 2 ** (bits - 1 - i) + 1)]
+    return sorted(([-x for x in mags] if signed else []) + ([0.0] if zero else []) + mags)
+
+
+# plain Python numbers, turned into tensors where they are used: no tensor outlives a fake-tensor run
+LEVELS = {"dyn": dynamic_levels(True), "dyn+": dynamic_levels(False, zero=False)}  # m; and √v (no zero point)
+MIDPOINTS = {kind: [(a + b) / 2 for a, b in zip(v, v[1:])] for kind, v in LEVELS.items()}  # rounding boundaries
+BLOCK = 256  # entries per float32 absmax: 1/64 byte of scale per entry
+
+
+def quantize_blockwise(x, kind, block=BLOCK):
+    """x -> (codes uint8 (numel padded to the block), absmax float32 (blocks,)): the nearest level of x / absmax."""
+    pad, flat = -x.numel() % block, x.float().reshape(-1)
+    flat = (F.pad(flat, (0, pad)) if pad else flat).view(-1, block)  # (blocks, block)
+    absmax = flat.abs().amax(1)
+    mids = torch.tensor(MIDPOINTS[kind], device=x.device)
+    idx = torch.bucketize(flat / absmax.clamp_min(1e-30)[:, None], mids, out_int32=True)  # nearest level
+    return idx.to(torch.uint8).flatten(), absmax
+
+
+def dequantize_blockwise(codes, absmax, kind, numel):
+    """levels·absmax, float32 (numel,); temporaries: int32 indices and the result, of the padded size."""
+    table = torch.tensor(LEVELS[kind], device=codes.device)
+    out = table.index_select(0, codes.int()).view(absmax.numel(), -1).mul_(absmax.unsqueeze(1))  # (blocks, block)
+    return out.view(-1) if out.numel() == numel else out.view(-1)[:numel]
+
+
+def first_moment(st):
+    """m of an 8-bit state, decoded: float32 (numel,)."""
+    return dequantize_blockwise(st["m_codes"], st["m_absmax"], "dyn", st["numel"])
+
+
+def set_first_moment(st, m):
+    st["m_codes"], st["m_absmax"] = quantize_blockwise(m, "dyn")
+
+
+def second_moment(st):
+    """v = (√v)² of an 8-bit state, decoded: float32 (numel,)."""
+    return dequantize_blockwise(st["v_codes"], st["v_absmax"], "dyn+", st["numel"]).square()
+
+
+def set_second_moment(st, v):
+    st["v_codes"], st["v_absmax"] = quantize_blockwise(v.sqrt(), "dyn+")  # √v: no zero point (Li et al. 2023)
+
+
+class AdamW8bit(torch.optim.AdamW):
+    """torch's AdamW, except in the param groups with bits=8: there Adam's two moments are 8-bit codes.
+
+    Groups with bits=32 are stepped by torch's AdamW itself (the same update and state as
+    --optimizer adamw). A bits=8 parameter's state is step (float32, 0-dim), numel, m_codes/m_absmax
+    (m on the signed code) and v_codes/v_absmax (√v on the unsigned code without zero), blocks of
+    256 with a float32 absmax each. Its step decodes m and v to float32, updates them with this
+    step's gradient, encodes them again and applies the update computed from the float32 m and v,
+    so the moments are rounded once per step. Everything stays a tensor (no .item()): the step
+    runs on fake tensors, and a parameter without a gradient is skipped (--per_layer_updates)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        done = []
+        for g in self.param_groups:
+            for p in g["params"] if g.get("bits") == 8 else []:
+                if p.grad is not None:
+                    self.step_8bit(p, g)
+                    done.append((p, p.grad))
+                    p.grad = None  # hidden from torch's step below, given back after it
+        try:
+            super().step()  # the bits=32 groups
+        finally:
+            for p, grad in done:
+                p.grad = grad
+
+    def step_8bit(self, p, g):
+        (b1, b2), lr, st = g["betas"], g["lr"], self.state[p]
+        if not st:
+            st["step"] = torch.zeros((), dtype=torch.float32)  # on the CPU, as torch's AdamW keeps it
+            st["numel"] = p.numel()
+            zero = torch.zeros(p.numel(), device=p.device)
+            set_first_moment(st, zero)
+            set_second_moment(st, zero)
+        st["step"] += 1
+        t, grad = st["step"], p.grad.flatten()  # t stays a tensor: no host sync, fake-tensor safe
+        m, v = first_moment(st), second_moment(st)
+        m.mul_(b1).add_(grad, alpha=1 - b1)  # m ← β1·m + (1−β1)·g, in float32 whatever g's dtype
+        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)  # v ← β2·v + (1−β2)·g²
+        set_first_moment(st, m)
+        set_second_moment(st, v)
+        p.mul_(1 - lr * g["weight_decay"])  # decoupled decay first, as torch's AdamW
+        upd = v.sqrt_().div_((1 - b2 ** t).sqrt()).add_(g["eps"])  # √v̂ + ε, in v's buffer
+        p.sub_(torch.div(m, upd, out=upd).mul_(lr / (1 - b1 ** t)).view_as(p))  # lr·m̂/(√v̂ + ε)
+
+    def load_state_dict(self, state_dict):
+        """torch's loader would cast the uint8 codes to the parameter's dtype: it loads the bits=32
+        states only, and each 8-bit state tensor keeps its saved dtype (moved to the parameter's device)."""
+        eight = {i: st for i, st in state_dict["state"].items() if "m_codes" in st}
+        super().load_state_dict({**state_dict, "state": {i: st for i, st in state_dict["state"].items() if i not in eight}})
+        saved = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for i, p in zip(saved, [p for g in self.param_groups for p in g["params"]]):
+            if i in eight:
+                self.state[p] = {k: (v.clone() if k == "step" else v.to(p.device, copy=True)) if torch.is_tensor(v) else v
+                                 for k, v in eight[i].items()}
+
+
+def make_optimizer(model, cfg, train):
+    """adamw: train.py's default AdamW, group for group (weight decay on matrices, none on vectors).
+    adam8bit: the same hyperparameters in three groups: the factors R (8-bit), the embeddings and
+    lm_head (8-bit with --adam8bit_embeddings, else torch's AdamW state), the vectors (torch's)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    kw = dict(lr=train.lr, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps)
+    wd, vectors = train.weight_decay, [p for _, p in named if p.dim() < 2]
+    if cfg.optimizer == "adamw":
+        groups = [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": wd},
+                  {"params": vectors, "weight_decay": 0.0}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], **kw)
+    factors = {id(layer.factor) for layer in golore_layers(model)}
+    groups = [{"params": [p for _, p in named if id(p) in factors], "weight_decay": wd, "bits": 8},
+              {"params": [p for _, p in named if p.dim() >= 2 and id(p) not in factors], "weight_decay": wd,
+               "bits": 8 if cfg.adam8bit_embeddings else 32},
+              {"params": vectors, "weight_decay": 0.0, "bits": 32}]
+    return AdamW8bit([g for g in groups if g["params"]], **kw)
 
 
 # ----------------------------------------------------------------------------- the periodic event
