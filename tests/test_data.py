@@ -8,6 +8,11 @@ import torch
 import data
 
 
+def folder_bytes(folder):
+    """{file: bytes} of a shard folder's shards and meta.json (what training reads)."""
+    return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder)) if f.endswith((".bin", "meta.json"))}
+
+
 def test_byte_tokenizer_roundtrip_and_vocab():
     enc = data.byte_tokenizer()
     text = "Héllo, wörld <|endoftext|> ✓"
@@ -24,14 +29,14 @@ def test_builtin_shards_split_and_meta(data_dir):
     frac = meta["val_tokens"] / (meta["train_tokens"] + meta["val_tokens"])
     assert 0.03 < frac < 0.07
     for split in ("train", "val"):
-        assert os.path.getsize(os.path.join(folder, f"{split}.bin")) == 2 * meta[f"{split}_tokens"]
+        assert sum(os.path.getsize(os.path.join(folder, f)) for f, _ in meta["shards"][split]) == 2 * meta[f"{split}_tokens"]
+    assert sorted(os.listdir(folder)) == ["meta.json", "prepare.lock", "train_00000.bin", "val_00000.bin"]
 
 
 def test_prepare_is_deterministic_and_reused(tmp_path):
     a = data.prepare("builtin", tokenizer="bytes", data_dir=str(tmp_path / "a"), log=lambda *a: None)
     b = data.prepare("builtin", tokenizer="bytes", data_dir=str(tmp_path / "b"), log=lambda *a: None)
-    for split in ("train.bin", "val.bin"):
-        assert open(os.path.join(a, split), "rb").read() == open(os.path.join(b, split), "rb").read()
+    assert folder_bytes(a) == folder_bytes(b)
     msgs = []
     assert data.prepare("builtin", tokenizer="bytes", data_dir=str(tmp_path / "a"), log=msgs.append) == a
     assert msgs == []  # second call reuses the shards
@@ -42,8 +47,8 @@ def test_train_and_val_tokens_are_disjoint_blocks(tmp_path):
     text = "".join(f"line {i:06d}\n" for i in range(20000))
     (tmp_path / "c.txt").write_text(text)
     folder = data.prepare(str(tmp_path / "c.txt"), tokenizer="bytes", data_dir=str(tmp_path / "cache"), log=lambda *a: None)
-    td = data.TokenData(folder, 32)
-    train, val = bytes(np.asarray(td.tokens("train"), dtype=np.uint8)), bytes(np.asarray(td.tokens("val")[:-1], dtype=np.uint8))
+    train, val = (bytes(np.concatenate(list(data.iter_tokens(folder, s))).astype(np.uint8)) for s in ("train", "val"))
+    val = val[:-1]
     whole = text.encode()
     assert len(train) + len(val) + 1 == len(whole) + 1  # + the end-of-text token
     assert val[200:264] in whole and val[200:264] not in train
@@ -69,7 +74,7 @@ def test_validation_windows_are_fixed(data_dir):
     td = data.TokenData(folder, 32)
     w = td.val_windows(1024)
     assert w.shape == (32, 33) and torch.equal(w, td.val_windows(1024))
-    val = np.asarray(td.tokens("val"))
+    val = np.concatenate(list(data.iter_tokens(folder, "val")))
     assert torch.equal(w[1], torch.from_numpy(val[32:65].astype(np.int64)))
 
 
@@ -108,14 +113,14 @@ def test_hub_dataset_is_streamed_up_to_the_token_budget(tmp_path, monkeypatch):
 
     def fake_load_dataset(name, config=None, split=None, streaming=False):
         calls.update(name=name, config=config, split=split, streaming=streaming)
-        return ({"text": f"doc {i} " * 50} for i in range(10**6))  # "endless" stream
+        return {"train": ({"text": f"doc {i} " * 50} for i in range(10**6))}  # "endless" stream, no validation
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     assert data.is_hub_name("allenai/c4") and not data.is_hub_name("builtin")
     folder = data.prepare("allenai/c4", "en", tokenizer="bytes", data_dir=str(tmp_path), max_tokens=20_000,
                           log=lambda *a: None)
     meta = json.load(open(os.path.join(folder, "meta.json")))
-    assert calls == {"name": "allenai/c4", "config": "en", "split": "train", "streaming": True}
+    assert calls == {"name": "allenai/c4", "config": "en", "split": None, "streaming": True}
     assert meta["train_tokens"] + meta["val_tokens"] == 20_000
 
 
@@ -132,17 +137,17 @@ def test_edited_local_files_are_tokenized_again(tmp_path):
     os.utime(tmp_path / "src" / "a.txt", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # ... and mtime
     second = prep()
     assert second != first and os.path.isdir(first)
-    tokens = np.concatenate([np.asarray(data.TokenData(second, 8).tokens(s)) for s in ("train", "val")])
+    tokens = np.concatenate([t for s in ("train", "val") for t in data.iter_tokens(second, s)])
     assert b"new words here" in bytes(tokens[tokens < 256].astype(np.uint8))
     # the same size but a newer mtime (an edit in place) is a new key too; a single file likewise
     os.utime(tmp_path / "src" / "b.txt", ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10**9))
     assert prep() not in (first, second)
-    key = lambda: data.shard_dir("c", str(tmp_path / "src" / "a.txt"), None, "bytes", 100, 0.05)  # noqa: E731
+    key = lambda: data.shard_folder(str(tmp_path / "src" / "a.txt"), None, "bytes", "c", 100, 0.05)  # noqa: E731
     before = key()
     assert key() == before  # deterministic
     os.utime(tmp_path / "src" / "a.txt", ns=(st.st_atime_ns, st.st_mtime_ns + 3 * 10**9))
     assert key() != before
-    assert data.shard_dir("c", "builtin", None, "bytes", 100, 0.05) == data.shard_dir("c", "builtin", None, "bytes", 100, 0.05)
+    assert data.shard_folder("builtin", None, "bytes", "c", 100, 0.05) == data.shard_folder("builtin", None, "bytes", "c", 100, 0.05)
 
 
 def test_hub_failures_are_one_line(tmp_path, monkeypatch):
@@ -155,7 +160,7 @@ def test_hub_failures_are_one_line(tmp_path, monkeypatch):
         def rows():  # load_dataset succeeds; the first row fails (how streaming reports some errors)
             raise ValueError(f"BuilderConfig '{config}' not found.\nAvailable: ['en', 'realnewslike']")
             yield {}
-        return rows()
+        return {"train": rows()}
 
     for fake, cause in ((offline, "ConnectionError"), (bad_config, "ValueError")):
         monkeypatch.setattr(datasets, "load_dataset", fake)
@@ -164,7 +169,7 @@ def test_hub_failures_are_one_line(tmp_path, monkeypatch):
         msg = str(err.value)
         assert "\n" not in msg and "'allenai/c4'" in msg and cause in msg
         assert "check the name" in msg and "--dataset builtin or a local path" in msg
-    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: iter([{"content": "x"}]))
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: {"train": iter([{"content": "x"}])})
     with pytest.raises(data.DataError, match="'text' field"):
         data.prepare("allenai/c4", tokenizer="bytes", data_dir=str(tmp_path), log=lambda *a: None)
 
