@@ -279,8 +279,8 @@ class GoLoreLinear(nn.Module):
                 M32 = at_least_fp32(M)
                 M.copy_(M32 @ (P_old @ P.T) if self.right else (P.T @ P_old) @ M32)
         if "m_codes" in state:  # --optimizer adam8bit: the same product on the decoded first moment, re-encoded
-            M32 = first_moment(state).view(self.factor.shape)
-            set_first_moment(state, M32 @ (P_old @ P.T) if self.right else (P.T @ P_old) @ M32)
+            M32 = decode(state, "m").view(self.factor.shape)
+            encode_(state, "m", M32 @ (P_old @ P.T) if self.right else (P.T @ P_old) @ M32)
         self.factor.zero_()
         self.factor.grad = self.factor_grad(G)  # R.grad <- -s·G·Pᵀ: the optimizer still steps on this update
         return self.factor.grad.pow(2).sum() / (self.scale ** 2 * G.pow(2).sum()).clamp_min(1e-30)
@@ -328,6 +328,7 @@ def dynamic_levels(signed, zero=True):
 LEVELS = {"dyn": dynamic_levels(True), "dyn+": dynamic_levels(False, zero=False)}  # m; and √v (no zero point)
 MIDPOINTS = {kind: [(a + b) / 2 for a, b in zip(v, v[1:])] for kind, v in LEVELS.items()}  # rounding boundaries
 BLOCK = 256  # entries per float32 absmax: 1/64 byte of scale per entry
+CHUNK = 2 ** 22  # entries an 8-bit step decodes at a time (a multiple of BLOCK): 16 MiB per float32 temporary
 
 
 def quantize_blockwise(x, kind, block=BLOCK):
@@ -347,22 +348,22 @@ def dequantize_blockwise(codes, absmax, kind, numel):
     return out.view(-1) if out.numel() == numel else out.view(-1)[:numel]
 
 
-def first_moment(st):
-    """m of an 8-bit state, decoded: float32 (numel,)."""
-    return dequantize_blockwise(st["m_codes"], st["m_absmax"], "dyn", st["numel"])
+KIND = {"m": "dyn", "v": "dyn+"}  # an 8-bit state keeps m and √v: "m_codes"/"m_absmax", "v_codes"/"v_absmax"
 
 
-def set_first_moment(st, m):
-    st["m_codes"], st["m_absmax"] = quantize_blockwise(m, "dyn")
+def decode(st, key, lo=0, hi=None):
+    """Entries lo:hi (whole blocks from lo) of m (key "m") or √v (key "v") of an 8-bit state, in float32."""
+    hi = st["numel"] if hi is None else hi
+    blocks = slice(lo // BLOCK, -(-hi // BLOCK))
+    return dequantize_blockwise(st[key + "_codes"][lo:blocks.stop * BLOCK], st[key + "_absmax"][blocks], KIND[key], hi - lo)
 
 
-def second_moment(st):
-    """v = (√v)² of an 8-bit state, decoded: float32 (numel,)."""
-    return dequantize_blockwise(st["v_codes"], st["v_absmax"], "dyn+", st["numel"]).square()
-
-
-def set_second_moment(st, v):
-    st["v_codes"], st["v_absmax"] = quantize_blockwise(v.sqrt(), "dyn+")  # √v: no zero point (Li et al. 2023)
+def encode_(st, key, x, lo=0):
+    """Store x (entries lo:lo + x.numel(), lo at a block boundary) into the state's own code and absmax tensors."""
+    blocks = slice(lo // BLOCK, -(-(lo + x.numel()) // BLOCK))
+    codes, absmax = quantize_blockwise(x, KIND[key])
+    st[key + "_codes"][lo:blocks.stop * BLOCK].copy_(codes)
+    st[key + "_absmax"][blocks].copy_(absmax)
 
 
 class AdamW8bit(torch.optim.AdamW):
@@ -371,10 +372,12 @@ class AdamW8bit(torch.optim.AdamW):
     Groups with bits=32 are stepped by torch's AdamW itself (the same update and state as
     --optimizer adamw). A bits=8 parameter's state is step (float32, 0-dim), numel, m_codes/m_absmax
     (m on the signed code) and v_codes/v_absmax (√v on the unsigned code without zero), blocks of
-    256 with a float32 absmax each. Its step decodes m and v to float32, updates them with this
-    step's gradient, encodes them again and applies the update computed from the float32 m and v,
-    so the moments are rounded once per step. Everything stays a tensor (no .item()): the step
-    runs on fake tensors, and a parameter without a gradient is skipped (--per_layer_updates)."""
+    256 with a float32 absmax each. Its step decodes m and v to float32 CHUNK entries at a time,
+    updates them with this step's gradient, encodes them again in place and applies the update
+    computed from the float32 m and v: the moments are rounded once per step, and the float32
+    temporaries never exceed a few chunks, however large the tensor (the embeddings at 7B: 131M
+    entries). Everything stays a tensor (no .item()): the step runs on fake tensors. A parameter
+    without a gradient is skipped (--per_layer_updates steps one at a time)."""
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -393,22 +396,29 @@ class AdamW8bit(torch.optim.AdamW):
 
     def step_8bit(self, p, g):
         (b1, b2), lr, st = g["betas"], g["lr"], self.state[p]
-        if not st:
+        if not st:  # m = v = 0: the codes that quantizing zeros gives (absmax 0 decodes every code to 0)
+            n = -(-p.numel() // BLOCK)
             st["step"] = torch.zeros((), dtype=torch.float32)  # on the CPU, as torch's AdamW keeps it
             st["numel"] = p.numel()
-            zero = torch.zeros(p.numel(), device=p.device)
-            set_first_moment(st, zero)
-            set_second_moment(st, zero)
+            st["m_codes"] = torch.full((n * BLOCK,), LEVELS["dyn"].index(0.0), dtype=torch.uint8, device=p.device)
+            st["v_codes"] = torch.zeros(n * BLOCK, dtype=torch.uint8, device=p.device)
+            st["m_absmax"], st["v_absmax"] = torch.zeros(n, device=p.device), torch.zeros(n, device=p.device)
         st["step"] += 1
-        t, grad = st["step"], p.grad.flatten()  # t stays a tensor: no host sync, fake-tensor safe
-        m, v = first_moment(st), second_moment(st)
-        m.mul_(b1).add_(grad, alpha=1 - b1)  # m ← β1·m + (1−β1)·g, in float32 whatever g's dtype
-        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)  # v ← β2·v + (1−β2)·g²
-        set_first_moment(st, m)
-        set_second_moment(st, v)
+        t = st["step"].double()  # a tensor (no host sync, fake-tensor safe); float64: 1 − β2^t cancels in float32
+        scale, root_bc2 = lr / (1 - b1 ** t), (1 - b2 ** t).sqrt()  # lr / (1 − β1^t), √(1 − β2^t)
         p.mul_(1 - lr * g["weight_decay"])  # decoupled decay first, as torch's AdamW
-        upd = v.sqrt_().div_((1 - b2 ** t).sqrt()).add_(g["eps"])  # √v̂ + ε, in v's buffer
-        p.sub_(torch.div(m, upd, out=upd).mul_(lr / (1 - b1 ** t)).view_as(p))  # lr·m̂/(√v̂ + ε)
+        flat, grad = p.view(-1), p.grad.reshape(-1)
+        for lo in range(0, st["numel"], CHUNK):  # whole blocks at a time
+            hi = min(lo + CHUNK, st["numel"])
+            m, v = decode(st, "m", lo, hi), decode(st, "v", lo, hi).square_()
+            gc = grad[lo:hi]
+            m.mul_(b1).add_(gc, alpha=1 - b1)  # m ← β1·m + (1−β1)·g, in float32 whatever g's dtype
+            v.mul_(b2).addcmul_(gc, gc, value=1 - b2)  # v ← β2·v + (1−β2)·g²
+            root = v.sqrt_()  # √v, in v's buffer
+            encode_(st, "m", m, lo)
+            encode_(st, "v", root, lo)
+            upd = root.div_(root_bc2).add_(g["eps"])  # √v̂ + ε
+            flat[lo:hi].sub_(torch.div(m, upd, out=upd).mul_(scale))  # lr·m̂/(√v̂ + ε)
 
     def load_state_dict(self, state_dict):
         """torch's loader would cast the uint8 codes to the parameter's dtype: it loads the bits=32
