@@ -8,11 +8,15 @@ that train.py reads as the training loop.
 - mismatch: which tensors and shapes differ between a checkpoint and the model
 - git_commit, plot_losses, start_wandb: the run's provenance, loss.png and optional W&B
 - run_cli: the one-line `error: ...` (exit 2) of train.py, sample.py and export.py
+- start_process_group / end_process_group: DDP's process group on keys of this torchrun attempt's
+  own, and its ordered teardown; crash_for_test: the SIGKILL of the elastic-restart test
 """
 
 import contextlib
 import dataclasses
+import datetime
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -134,3 +138,41 @@ def run_cli(main, errors, argv=None):
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def start_process_group(backend, timeout_s):
+    """init_process_group under torchrun (env://), with a `timeout_s` for every collective, on store
+    keys of this restart attempt's own.
+
+    torchrun's agent hosts one TCPStore for the whole job and the workers of every attempt
+    (--max-restarts) share it, under the same keys: the addresses the dead attempt's ranks
+    published are still there, and a restarted rank that reads one before its peer has overwritten
+    it connects to a dead port (gloo: "connectFullMesh failed ... Connection refused", or a hang in
+    init_process_group). TORCHELASTIC_RESTART_COUNT (0 outside torchrun) names the attempt."""
+    import torch.distributed as dist
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    store.set_timeout(timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"default_pg/attempt_{attempt}", store),
+                            rank=rank, world_size=world_size, timeout=timeout)
+
+
+def crash_for_test(rank, step):
+    """Tests only: LOWRANK_TEST_KILL=RANK:UPDATE makes that rank SIGKILL itself after that update, on
+    torchrun's first attempt only, so that an elastic restart (--max-restarts) has to resume the run."""
+    spec = os.environ.get("LOWRANK_TEST_KILL")
+    if spec == f"{rank}:{step}" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def end_process_group(finished):
+    """DDP's teardown in order. A run every rank `finished`: the ranks meet at a barrier first, so
+    that none exits (closing its connections) while another still writes its files or uses the
+    group; then the group is destroyed. After an error a peer may be dead: destroy only."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()

@@ -72,7 +72,8 @@ sys.path.insert(0, HERE)
 
 import data as data_lib  # noqa: E402
 from model import GPT, count_params_formula, get_config, save_plain  # noqa: E402
-from runfiles import TrainingError, atomic_save, folder_lock, git_commit, load_checkpoint, mismatch, plot_losses, run_cli, start_wandb  # noqa: E402,F401
+from runfiles import (TrainingError, atomic_save, crash_for_test, end_process_group, folder_lock, git_commit,  # noqa: E402,F401
+                      load_checkpoint, mismatch, plot_losses, run_cli, start_process_group, start_wandb)
 
 
 def opt(default, help, **kw):
@@ -90,6 +91,9 @@ class TrainConfig:
     data_dir: str = opt("data_cache", "where token shards are written and reused")
     dataset_tokens: int = opt(50_000_000, "token budget read from the source")
     val_fraction: float = opt(0.05, "fraction of the token stream held out for validation")
+    val_split: str = opt("auto", "hub split used for validation: auto (the hub's validation split when it exists, else a "
+                                 "block split of the training stream) | none (block split) | a split name")
+    num_proc: int = opt(0, "tokenizer worker processes for preparing shards (0: every core)")
     max_length: int = opt(128, "tokens per training window")
     # batch and optimisation
     batch_size: int = opt(16, "sequences per micro-batch per device")
@@ -117,6 +121,7 @@ class TrainConfig:
                              choices=["float32", "bfloat16"])
     device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps")
     compile: bool = opt(False, "torch.compile the model")
+    dist_timeout: int = opt(1800, "seconds a DDP collective may wait (init_process_group's timeout)")
     seed: int = opt(0, "seeds the model init, the data order and every method event")
     # evaluation, logging, checkpoints
     eval_every: int = opt(100, "validate every N updates (and at the end); 0: only at the end")
@@ -315,8 +320,10 @@ def setup(tc, method, mc):
     if ddp and tc.device.startswith("cuda"):
         tc.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
         torch.cuda.set_device(tc.device)
-    if ddp and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if tc.device.startswith("cuda") else "gloo")
+    if ddp and tc.dist_timeout < 1:
+        raise TrainingError(f"--dist_timeout must be at least 1 second, got {tc.dist_timeout}")
+    if ddp and not dist.is_initialized():  # on keys of this torchrun attempt's own (see runfiles)
+        start_process_group("nccl" if tc.device.startswith("cuda") else "gloo", tc.dist_timeout)
         if tc.device == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 2) // tc.world_size))
     device = torch.device(tc.device)
@@ -359,14 +366,15 @@ def check_geometry(tc):
 
 
 def prepare_data(run):
-    """Token shards (rank 0 prepares them, the others wait and read them) -> fixed validation windows."""
+    """Token shards -> fixed validation windows. LOCAL_RANK 0 of each node prepares them (prepare's file
+    lock makes a shared filesystem safe); the other ranks poll for the finished folder outside any
+    collective, so a preparation longer than --dist_timeout times nothing out."""
     tc = run.tc
-    prep = lambda: data_lib.prepare(tc.dataset, tc.dataset_config, tc.tokenizer, tc.data_dir,  # noqa: E731
-                                    tc.dataset_tokens, tc.val_fraction, log=run.log)
-    folder = prep() if tc.rank == 0 else None
-    if tc.world_size > 1:
-        dist.barrier()
-        folder = folder or prep()
+    source = (tc.dataset, tc.dataset_config, tc.tokenizer, tc.data_dir, tc.dataset_tokens, tc.val_fraction)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        folder = data_lib.prepare(*source, log=run.log, num_proc=tc.num_proc, val_split=tc.val_split)
+    else:
+        folder = data_lib.wait_until_prepared(data_lib.shard_folder(*source, val_split=tc.val_split), log=run.log)
     run.data = data_lib.TokenData(folder, tc.max_length, tc.seed)
     return run.data.val_windows(tc.eval_tokens)
 
@@ -694,6 +702,7 @@ def fit(run, argv):
             stopping = stop["signal"] is not None or (tc.stop_at_step and step_done >= tc.stop_at_step and not last)
             if (tc.save_every and step_done % tc.save_every == 0) or last or stopping:
                 save_checkpoint(run, ckpt_path, step_done)
+            crash_for_test(tc.rank, step_done)  # LOWRANK_TEST_KILL (the elastic-restart test) only
             if stopping and not last:
                 interrupted = True
                 say(f"stopped at update {step_done}; checkpoint saved to {ckpt_path} (continue with --autoresume)")
@@ -718,11 +727,11 @@ def threading_main():
 
 
 def cli():
+    finished = False
     try:
-        out = run_cli(main, USER_ERRORS)
+        out, finished = run_cli(main, USER_ERRORS), True
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        end_process_group(finished)
     sys.exit(SIGNAL_EXIT.get(out["summary"].get("signal"), 0))
 
 
