@@ -279,7 +279,7 @@ class GoLoreLinear(nn.Module):
                 M32 = at_least_fp32(M)
                 M.copy_(M32 @ (P_old @ P.T) if self.right else (P.T @ P_old) @ M32)
         if "m_codes" in state:  # --optimizer adam8bit: the same product on the decoded first moment, re-encoded
-            M32 = decode(state, "m").view(self.factor.shape)
+            M32 = decode(state, "m").view(self.factor.shape).to(P.dtype)
             encode_(state, "m", M32 @ (P_old @ P.T) if self.right else (P.T @ P_old) @ M32)
         self.factor.zero_()
         self.factor.grad = self.factor_grad(G)  # R.grad <- -s·G·Pᵀ: the optimizer still steps on this update

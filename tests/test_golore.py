@@ -15,6 +15,7 @@ import torch
 import golore
 import memory
 import train
+from conftest import TINY
 from model import GPT, GPTConfig, adapted_linear_names, get_config, load_plain
 
 
@@ -557,3 +558,136 @@ def test_adam8bit_update_is_adamws_within_the_codes_rounding(lowest):
     assert {k: v.dtype for k, v in st.items() if torch.is_tensor(v)} == {
         "step": torch.float32, "m_codes": torch.uint8, "m_absmax": torch.float32,
         "v_codes": torch.uint8, "v_absmax": torch.float32}
+
+
+def test_adam8bit_first_update_is_adamws_and_later_ones_stay_close():
+    """Through the wrapped model, GoLore with weight decay: update 0 (a projection: R = 0 with the injected
+    gradient) is torch's AdamW step to float32 rounding; over projections at 0, 3 and 6 (the first moment
+    re-projected through its codes) W_eff stays within a few percent of the AdamW run's change."""
+    runs = {}
+    for optimizer in ("adamw", "adam8bit"):
+        model, opt, cfg, tc = setup(gap=3, optimizer=optimizer, weight_decay=0.1)
+        snapshot = lambda: {k: v.clone() for k, v in golore.export(model, cfg).items()}  # noqa: E731
+        runs[optimizer] = [snapshot()]
+        for step in range(8):
+            update(model, opt, cfg, tc, step)
+            runs[optimizer].append(snapshot())
+    assert type(opt) is golore.AdamW8bit
+    factors = [n for n, p in model.named_parameters() if n.endswith(".factor")]
+    assert all(opt.param_groups[0]["params"][i] is model.get_parameter(n) for i, n in enumerate(factors))
+    for k, v0 in runs["adamw"][0].items():
+        d32, d8 = runs["adamw"][1][k] - v0, runs["adam8bit"][1][k] - v0
+        # R's update in float32 (relative 6e-8), summed over r = 4 entries of P into each entry of W_eff
+        assert torch.allclose(d8, d32, rtol=1e-6, atol=1e-6 * d32.abs().max().item()), k
+    for k, v0 in runs["adamw"][0].items():  # after 8 updates: the change relative to AdamW's
+        d32, d8 = runs["adamw"][-1][k] - v0, runs["adam8bit"][-1][k] - v0
+        assert (d8 - d32).norm() <= 0.05 * d32.norm(), (k, ((d8 - d32).norm() / d32.norm()).item())
+
+
+@pytest.mark.parametrize("rand_ratio", [0.8, 2.0])  # GoLore (its SVD phase), GaLore
+def test_adam8bit_first_moment_at_a_projection(rand_ratio):
+    """GoLore: the decoded first moment becomes the decoded old one times P_old·P_newᵀ (left: P_newᵀ·P_old),
+    rounded once to the code; GaLore: every code stays. √v's codes and the step count are kept in both."""
+    model, opt, cfg, tc = at_projection_event(rand_ratio, optimizer="adam8bit")
+    before = {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()} for p, st in opt.state.items()}
+    P_old = {n: l.proj.clone() for n, l in layers(model).items()}
+    golore.before_step(3, model, opt, cfg, tc)
+    for name, layer in layers(model).items():
+        st, old = opt.state[layer.factor], before[id(layer.factor)]
+        assert st["m_codes"].dtype == torch.uint8
+        for key in ("v_codes", "v_absmax", "step"):
+            assert torch.equal(st[key], old[key]), key
+        if rand_ratio >= 1:
+            assert torch.equal(st["m_codes"], old["m_codes"]) and torch.equal(st["m_absmax"], old["m_absmax"])
+            continue
+        Po, Pn, shape = P_old[name].float(), layer.proj.float(), layer.factor.shape
+        M = golore.dequantize_blockwise(old["m_codes"], old["m_absmax"], "dyn", old["numel"]).view(shape)
+        want = (M @ (Po @ Pn.T) if layer.right else (Pn.T @ Po) @ M).reshape(-1)
+        got = golore.dequantize_blockwise(st["m_codes"], st["m_absmax"], "dyn", st["numel"])
+        pad = -want.numel() % 256
+        absmax = torch.nn.functional.pad(want.abs(), (0, pad)).view(-1, 256).amax(1).repeat_interleave(256)[:want.numel()]
+        assert not torch.equal(st["m_codes"], old["m_codes"])
+        assert ((got - want).abs() <= HALF_STEP["dyn"] * absmax + 1e-6 * want.abs().max()).all(), name
+
+
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+def test_adam8bit_state_bytes(train_run, tmp_path, storage):
+    """The factors' two moments are uint8 codes plus one float32 absmax per 256 entries: a quarter of float32
+    AdamW's 8 bytes per entry (x (1 + 4/256)), half of its bf16 state under bf16 storage; the embeddings, lm_head
+    and norms keep torch's AdamW state (in their storage dtype), or 8-bit with --adam8bit_embeddings."""
+    r, h, f, L, V = 8, 128, 352, 4, 257
+    factors = [(h, r)] * 4 + [(f, r)] * 2 + [(r, f)]  # per block: q, k, v, o (right), gate, up (right), down (left)
+    n_fac, emb, norms = L * sum(a * b for a, b in factors), 2 * V * h, (2 * L + 1) * h
+    n_params = L * (7 + 2) + 3  # the step counters, 4 bytes each (float32, 0-dim)
+    size = 4 if storage == "float32" else 2
+    args = RUN + ["--num_training_steps", "2", "--storage_dtype", storage, "--eval_every", "100"]
+    got = {o: train_run(*args, *o.split(), save_dir=tmp_path / o.replace(" ", ""))["summary"]["optimizer_state_bytes"]
+           for o in ("--optimizer adamw", "--optimizer adam8bit", "--optimizer adam8bit --adam8bit_embeddings")}
+    eight = lambda n: 2 * (-(-n // 256) * 256) + 2 * 4 * -(-n // 256)  # noqa: E731  two code arrays, two absmax
+    assert got["--optimizer adamw"] == 2 * size * (n_fac + emb + norms) + 4 * n_params
+    assert got["--optimizer adam8bit"] == L * sum(eight(a * b) for a, b in factors) + 2 * size * (emb + norms) + 4 * n_params
+    assert got["--optimizer adam8bit --adam8bit_embeddings"] == (L * sum(eight(a * b) for a, b in factors) + 2 * eight(V * h)
+                                                                + 2 * size * norms + 4 * n_params)
+    fac8 = got["--optimizer adam8bit"] - 2 * size * (emb + norms) - 4 * n_params
+    assert fac8 / (8 * n_fac) == pytest.approx(0.25 * (1 + 4 / 256))  # every factor here is a whole number of blocks
+
+
+@pytest.mark.parametrize("storage,emb", [("float32", False), ("bfloat16", True)])
+def test_adam8bit_resume_is_exact_and_keeps_the_codes(train_run, data_dir, tmp_path, storage, emb):
+    """GoLore with SVD (0, 2) and random (4) projections re-projecting the 8-bit first moment, weight decay;
+    stopped after 3 updates and resumed, the run ends bit for bit where an unbroken one does. Resuming
+    through train.py's stages keeps every state tensor's dtype and bytes (the uint8 codes too)."""
+    args = RUN + ["--num_training_steps", "6", "--optimizer", "adam8bit", "--weight_decay", "0.1", "--storage_dtype",
+                  storage, "--eval_every", "100"] + (["--adam8bit_embeddings"] if emb else [])
+    full = train_run(*args, save_dir=tmp_path / "a")
+    train_run(*args, "--stop_at_step", "3", save_dir=tmp_path / "b")
+    saved = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["optimizer"]["state"]
+    tc, method, mc = train.parse_args(TINY + ["--data_dir", data_dir, "--save_dir", str(tmp_path / "b")] + args)
+    run = train.setup(tc, method, mc)
+    train.check_geometry(tc)
+    train.build(run, 257)
+    train.resume(run, str(tmp_path / "b" / "ckpt.pt"))
+    dtypes = lambda state: sorted((k, str(v.dtype)) for st in state.values() for k, v in st.items() if torch.is_tensor(v))  # noqa: E731
+    assert state_bytes(run.optimizer.state) == state_bytes(saved) > 0 and dtypes(run.optimizer.state) == dtypes(saved)
+    n_codes = sum(v.dtype == torch.uint8 for st in saved.values() for v in st.values() if torch.is_tensor(v))
+    assert n_codes == 2 * (4 * 7 + 2 * emb)  # m and √v codes of every factor (and the embeddings, lm_head)
+    resumed = train_run(*args, "--autoresume", save_dir=tmp_path / "b")
+    assert [r["method/proj_random"] for r in full["metrics"] if "method/proj_random" in r] == [0.0, 0.0, 1.0]
+    ck_a, ck_b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
+    for k, v in ck_a["model"].items():
+        assert torch.equal(v, ck_b["model"][k]), k
+    for k, st in ck_a["optimizer"]["state"].items():
+        for name, v in st.items():
+            other = ck_b["optimizer"]["state"][k][name]
+            assert (torch.equal(v, other) and v.dtype == other.dtype) if torch.is_tensor(v) else v == other, (k, name)
+    assert resumed["summary"]["train_loss"] == full["summary"]["train_loss"]
+
+
+def test_adam8bit_per_layer_updates_equal_the_ordinary_path(train_run, tmp_path):
+    """--per_layer_updates with adam8bit (and 8-bit embeddings) ends bit for bit with the weights and the
+    8-bit state of the ordinary step, over SVD (0, 2) and random (4) projections, with weight decay."""
+    args = RUN + ["--num_training_steps", "6", "--grad_clipping", "0", "--weight_decay", "0.1", "--optimizer", "adam8bit",
+                  "--adam8bit_embeddings", "--eval_every", "100"]
+    train_run(*args, save_dir=tmp_path / "plain")
+    train_run(*args, "--per_layer_updates", save_dir=tmp_path / "per_layer")
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("plain", "per_layer"))
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    for k, st in a["optimizer"]["state"].items():
+        assert all(torch.equal(v, b["optimizer"]["state"][k][n]) for n, v in st.items() if torch.is_tensor(v)), k
+
+
+def test_adam8bit_on_fake_tensors(tmp_path):
+    """memory.py's two updates (projections at both) with adam8bit, in both update modes and bf16 storage:
+    the 8-bit step and the re-projection run on fake tensors, and the optimizer state shrinks."""
+    config = tmp_path / "one_block.json"
+    config.write_text(json.dumps({"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 1,
+                                  "num_attention_heads": 2, "max_position_embeddings": 64}))
+    common = ["--method", "golore", "--model_config", str(config), "--max_length", "32", "--batch_size", "1",
+              "--grad_clipping", "0", "--rank", "16"]
+    adamw = memory.estimate(common, vocab_size=257)
+    est = {extra: memory.estimate(common + ["--optimizer", "adam8bit"] + list(extra), vocab_size=257)
+           for extra in ((), ("--per_layer_updates",), ("--storage_dtype", "bfloat16"))}
+    assert all(e["peak_update"] == 2 for e in est.values())
+    assert est[()]["optimizer_bytes"] < adamw["optimizer_bytes"]
+    assert est["--per_layer_updates", ]["peak_bytes"] < est[()]["peak_bytes"]
