@@ -512,8 +512,9 @@ def test_8bit_code_rounds_to_the_nearest_level():
 
 @pytest.mark.parametrize("lowest", [1.0, 1e-3])  # the smallest column's scale: entries far below their block's absmax
 def test_adam8bit_update_is_adamws_within_the_codes_rounding(lowest):
-    """The same gradients into AdamW8bit and into torch's AdamW (float64). Update 1 agrees to float32 rounding:
-    the zero state decodes exactly, and a step uses the float32 moments it computes before it rounds them.
+    """The same gradients into AdamW8bit and into torch's AdamW (float64, weight decay 0.1). Update 1 agrees to
+    float32 rounding: the zero state decodes exactly, and a step uses the float32 moments it computes before
+    it rounds them. (The update is what follows the decay: u = (1 - lr·wd)·p_before - p_after.)
     Every later update agrees within a bound that follows from the code alone. With E, F bounds on the
     8-bit path's |m - M| and |√v - √V| (M, V torch's moments), the rounding recursions
 
@@ -525,11 +526,12 @@ def test_adam8bit_update_is_adamws_within_the_codes_rounding(lowest):
     about 1.2% of an entry's RMS for 256 Gaussians), which β1 carries over √(β1²/(1-β1²)) ≈ 2.1 steps' worth:
     about 2.5% of the update; a 5% bound. Entries spread over 1000x inside a block fall in the code's
     coarser decades (13% measured): only the per-entry bound is asserted there."""
-    b1, b2, eps, lr, shape = 0.9, 0.999, 1e-8, 1e-2, (45, 61)  # 2745 entries: 11 blocks, the last one partial
-    p8, pr = (torch.nn.Parameter(torch.zeros(shape, dtype=torch.float64)) for _ in range(2))
-    o8 = golore.AdamW8bit([{"params": [p8], "bits": 8}], lr=lr, betas=(b1, b2), eps=eps, weight_decay=0.0)
-    oref = torch.optim.AdamW([pr], lr=lr, betas=(b1, b2), eps=eps, weight_decay=0.0)
+    b1, b2, eps, lr, wd, shape = 0.9, 0.999, 1e-8, 1e-2, 0.1, (45, 61)  # 2745 entries: 11 blocks, the last partial
     gen = torch.Generator().manual_seed(0)
+    start = torch.randn(shape, generator=gen, dtype=torch.float64)
+    p8, pr = (torch.nn.Parameter(start.clone()) for _ in range(2))
+    o8 = golore.AdamW8bit([{"params": [p8], "bits": 8}], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    oref = torch.optim.AdamW([pr], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
     col = torch.logspace(math.log10(lowest), 0, shape[1], dtype=torch.float64)
     E = F = M_max = S_max = 0.0
     rel = []
@@ -539,7 +541,7 @@ def test_adam8bit_update_is_adamws_within_the_codes_rounding(lowest):
         p8.grad, pr.grad = g.clone(), g.clone()
         o8.step()
         oref.step()
-        u8, ur = before8 - p8.detach(), before_r - pr.detach()
+        u8, ur = before8 * (1 - lr * wd) - p8.detach(), before_r * (1 - lr * wd) - pr.detach()  # decay, then the update
         if t > 1:
             E = b1 * (E + HALF_STEP["dyn"] * (M_max + E))
             F = math.sqrt(b2) * (F + HALF_STEP["dyn+"] * (S_max + F))
