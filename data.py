@@ -70,7 +70,7 @@ import torch
 BLOCK = 4096  # tokens per split block
 SHARD_TOKENS = 2 ** 26  # stream tokens per chunk (rounded to whole split periods): 128 MiB of uint16
 TEXT_BATCH = 1 << 20  # characters of text per tokenizer task
-PROGRESS_EVERY = 10.0  # seconds between plain progress lines when stderr is not a terminal
+PROGRESS_EVERY = 5.0  # seconds between plain progress lines when stderr is not a terminal
 FORMAT = 2  # of the shard folder (1: one train.bin and val.bin, built in memory)
 TEXT_EXTS = ("txt", "jsonl", "json", "parquet")  # the file types local_documents reads
 # suffixes that mark a --dataset name as a file (hub names may contain dots: dclm-baseline-1.0)
