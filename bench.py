@@ -33,6 +33,9 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from runfiles import machine  # noqa: E402
+
 RANK_KEYS = ("lora_r", "lora_rank", "r")  # the first one a method's config has is shown as its rank
 NOISY = 1.15  # full's slowest window / fastest window above this: the ratios mean little
 
@@ -207,14 +210,6 @@ def main(argv=None):
     plots(results, args.out)
     print(md)
     return 0
-
-
-def machine():
-    import platform
-    import torch
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 if __name__ == "__main__":

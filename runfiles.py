@@ -8,6 +8,7 @@ that train.py reads as the training loop.
 - mismatch: which tensors and shapes differ between a checkpoint and the model
 - git_commit, plot_losses, start_wandb: the run's provenance, loss.png and optional W&B
 - run_cli: the one-line `error: ...` (exit 2) of train.py, sample.py and export.py
+- machine: one line naming the device, for the reports of bench.py and sweep.py
 - start_process_group / end_process_group: DDP's process group on keys of this torchrun attempt's
   own, and its ordered teardown; crash_for_test: the SIGKILL of the elastic-restart test
 """
@@ -176,3 +177,13 @@ def end_process_group(finished):
     if finished:
         dist.barrier()
     dist.destroy_process_group()
+
+
+def machine():
+    """The GPU's name, or the CPU, its cores and the torch version."""
+    import platform
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
+

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from bench import HERE, machine
+from runfiles import HERE, machine
 
 
 def cell_dir(out, method, lr, seed):
