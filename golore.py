@@ -62,6 +62,27 @@ Modes.
   train.py --method golore --storage_dtype bfloat16 --num_training_steps 300 [--factor_dtype
   float32]`). Merges, re-projections and injected gradients are computed in float32 and written
   back in bf16, so W is rounded once per projection (pure-bf16 GaLore rounds it at every step).
+- `--optimizer adam8bit`: GaLore's "8-bit GaLore" (Zhao et al. 2024 combine the projection with
+  8-bit Adam and per-layer weight updates, which is how their 7B pre-training fits a 24 GB GPU).
+  The state that GaLore makes small, R's two Adam moments (r·max(m, n) entries each), is stored
+  in 8 bits with block-wise quantization (Dettmers et al. 2022, "8-bit Optimizers via Block-wise
+  Quantization"). Each block of 256 entries keeps one float32 absmax, and each entry keeps one
+  byte: the index of the level of a 255-level dynamic code nearest to x / absmax. The code's
+  levels are spaced like a float with a variable-length exponent: 64 linear steps in
+  (0.1, 1], 32 in (0.01, 0.1], and so on, so small entries keep their relative precision. m goes
+  on the signed code. For v the unsigned code (no zero, 128 steps in the top decade) holds √v,
+  not v. This halves v's dynamic range, and a v that rounds to 0 under a non-zero m can no
+  longer blow up the step. Total cost: 2 + 8/256 bytes per entry instead of 8 (float32) or
+  4 (bf16). A step decodes 4M entries at a time to float32, applies Adam to them with this
+  step's gradient, writes the codes back in place and moves R using the float32 moments. So each
+  moment is rounded once per step, and the float32 temporaries stay small however big the tensor
+  is (AdamW8bit). At a projection nothing new happens: GaLore leaves the codes as they are. GoLore
+  decodes m, applies the same r×r product as above and encodes it again (√v and the step stay).
+  The embeddings, lm_head and norms keep torch's AdamW, with the same state and the same update
+  as --optimizer adamw. `--adam8bit_embeddings` puts the embeddings and lm_head in 8 bits too,
+  like the original, whose per-layer 8-bit runs give every non-GaLore tensor bitsandbytes'
+  Adam8bit. Checkpoints hold plain tensors, and a resume restores every code as uint8 (torch's
+  loader would cast the codes to R's dtype).
 
 Implementation details
 1. Which layers: every q/k/v/o and gate/up/down projection (`model.adapted_linear_names`); the
@@ -82,8 +103,10 @@ Implementation details
 5. SVD in float32 (float64 stays float64), `full_matrices=False`; if it fails (GaLore#58) it is
    retried in float64 on the CPU. Random P: Q of the QR of an (n×r or m×r) Gaussian, with Q's
    columns multiplied by the signs of the QR's diagonal; this makes Q Haar-distributed.
-6. Adam: train.py's AdamW over R and the full-rank parameters (SGD's momentum_buffer would be
-   re-projected like exp_avg).
+6. Adam: `make_optimizer` builds train.py's default AdamW, group for group (adamw), or AdamW8bit
+   (adam8bit: R in an 8-bit group, the rest in torch's AdamW; SGD's momentum_buffer would be
+   re-projected like exp_avg). The 8-bit step reads no tensor on the host (the step count stays a
+   tensor, its bias corrections are computed in float64), so memory.py runs it on fake tensors.
 7. Weight decay decays all of W_eff, as galore_torch decays the full weight inside its optimizer:
    train.py's AdamW decays R (a 2-D trainable tensor) by (1 - lr·wd) and `after_step` multiplies W
    by the same factor. (GoLore's ReLoRA-like code decays only its trainable factor, i.e. only the
@@ -107,6 +130,11 @@ Deviations from the official code, and why
   original's epsilon.
 - float16 with a GradScaler is refused: G is not part of the optimizer, so the scaler would not
   unscale it. Use bfloat16 or float32.
+- adam8bit is written here, not bitsandbytes (galore_torch's GaLoreAdamW8bit calls bitsandbytes'
+  8-bit blockwise update). It keeps √v instead of v, and it always keeps the norms in torch's
+  AdamW (bitsandbytes quantizes every tensor of 4096 entries or more). It also keeps the
+  embeddings and lm_head there unless you pass --adam8bit_embeddings. The update is torch AdamW's
+  formula computed from the decoded moments.
 
 Some warnings
 - A projection step is a memory spike: without --per_layer_updates one full m×n gradient per
@@ -134,17 +162,30 @@ micro-batch 1 x 256, vocabulary 32000, bf16 compute, r 512 (llama_1b) and 1024 (
 
 Without per-layer updates the peak is in before_step: every W's G is alive while the first layers
 merge and take their SVD; with them it is in the backward, one G at a time.
-GaLore's paper fits 7B in 24 GB with 8-bit Adam and per-layer updates. Here llama_7b, bf16 and
-per-layer, peaks at 26.4 GiB (28.4 GB): W 12.0 GiB, P 1.75, R 3.0 (the low-rank form's own tensor:
-GaLore adds its update to W directly), AdamW state in bf16 7.0 (6.0 of it R's; an 8-bit Adam would
-save about 3.5), the rest activations and transients. `--check` (the same two updates run for real
-on the CPU, measured by the allocator) agrees with the estimate to 0.0% on tiny and llama_9m in all
-four modes, and on llama_60m (r 128) in float32 and in bf16 per-layer.
+GaLore's paper fits 7B in 24 GB with 8-bit Adam and per-layer updates. Here llama_7b in bf16 with
+per-layer updates and AdamW peaks at 26.40 GiB. The parts are W 12.0 GiB, P 1.75, R 3.0 (the
+low-rank form's own tensor; GaLore adds its update to W directly), the AdamW state in bf16 7.0
+(6.0 of it R's), and activations and transients for the rest. With --optimizer adam8bit the
+peak is 23.43 GiB: R's moments take 3.05 GiB instead of 6.0. Adding --adam8bit_embeddings gives
+22.95 GiB: the embeddings' and lm_head's state shrinks from 0.98 to 0.50. The weights, 17.3 GiB,
+are now the bulk.
+
+    python memory.py --methods golore --model_config llama_7b --storage_dtype bfloat16 --per_layer_updates \
+        --grad_clipping 0 --method_args "golore=--rank 1024 --rand_ratio 2 --optimizer adam8bit [--adam8bit_embeddings]"
+
+`--check` runs the same two updates for real on the CPU and measures them with the allocator. It
+agrees with the estimate to 0.0% on tiny and llama_9m in all four modes, and on llama_60m (r 128)
+in float32 and in bf16 per-layer. With adam8bit it agrees to -0.1% on llama_130m (1,460.8 MiB
+estimated, 1,462.9 measured), and to 0.0% on llama_9m with --adam8bit_embeddings, both plain in
+float32 and per-layer in bf16.
 
 Usage
     python train.py --method golore                       # tiny defaults: r 32, T 50, rand_ratio 0.8
     python train.py --method golore --rand_ratio 2        # GaLore (never random, moments untouched)
     python train.py --method golore --storage_dtype bfloat16 --per_layer_updates --grad_clipping 0
+    python train.py --method golore --optimizer adam8bit  # R's Adam moments in 8 bits
+    python train.py --method golore --model_config llama_7b --storage_dtype bfloat16 --rank 1024 --rand_ratio 2 \
+        --optimizer adam8bit --per_layer_updates --grad_clipping 0 --batch_size 1 --max_length 256  # 23.4 GiB
     torchrun --nproc-per-node 2 train.py --method golore --model_config llama_60m --rank 128 \
         --update_proj_gap 200 --lr 1e-3 --adamw_eps 1e-6  # the README's 60M recipe, shorter
 
@@ -355,7 +396,8 @@ def decode(st, key, lo=0, hi=None):
     """Entries lo:hi (whole blocks from lo) of m (key "m") or √v (key "v") of an 8-bit state, in float32."""
     hi = st["numel"] if hi is None else hi
     blocks = slice(lo // BLOCK, -(-hi // BLOCK))
-    return dequantize_blockwise(st[key + "_codes"][lo:blocks.stop * BLOCK], st[key + "_absmax"][blocks], KIND[key], hi - lo)
+    codes, absmax = st[key + "_codes"][lo:blocks.stop * BLOCK], st[key + "_absmax"][blocks]
+    return dequantize_blockwise(codes, absmax, KIND[key], hi - lo)
 
 
 def encode_(st, key, x, lo=0):
@@ -380,7 +422,7 @@ class AdamW8bit(torch.optim.AdamW):
     without a gradient is skipped (--per_layer_updates steps one at a time)."""
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None):  # (no closure: train.py never passes one)
         done = []
         for g in self.param_groups:
             for p in g["params"] if g.get("bits") == 8 else []:
@@ -424,11 +466,12 @@ class AdamW8bit(torch.optim.AdamW):
         """torch's loader would cast the uint8 codes to the parameter's dtype: it loads the bits=32
         states only, and each 8-bit state tensor keeps its saved dtype (moved to the parameter's device)."""
         eight = {i: st for i, st in state_dict["state"].items() if "m_codes" in st}
-        super().load_state_dict({**state_dict, "state": {i: st for i, st in state_dict["state"].items() if i not in eight}})
+        rest = {i: st for i, st in state_dict["state"].items() if i not in eight}
+        super().load_state_dict({**state_dict, "state": rest})
         saved = [i for g in state_dict["param_groups"] for i in g["params"]]
         for i, p in zip(saved, [p for g in self.param_groups for p in g["params"]]):
-            if i in eight:
-                self.state[p] = {k: (v.clone() if k == "step" else v.to(p.device, copy=True)) if torch.is_tensor(v) else v
+            if i in eight:  # the step count stays on the CPU; codes and absmax go where p is
+                self.state[p] = {k: v if not torch.is_tensor(v) else v.clone() if k == "step" else v.to(p.device, copy=True)
                                  for k, v in eight[i].items()}
 
 
