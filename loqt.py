@@ -303,9 +303,8 @@ class LoQTMatmul(torch.autograd.Function):
         dt, s = gy.dtype, layer.s
         P, Bc = layer.P.dequantize().to(dt), B.to(dt)
         gy2 = gy.reshape(-1, gy.shape[-1])  # (tokens, m)
-        if layer.collect_G is not None:  # G += δᵀx, (m, n), float32, where it is kept (the host if offloaded)
-            g = (gy2.float().T @ x.reshape(-1, x.shape[-1]).float()).to(layer.collect_G)
-            layer.grad_W = g if layer.grad_W is None else layer.grad_W.add_(g)
+        if layer.collect_G is not None:  # a refresh step: this micro-step's share of G = Σ δᵀx (and, on the
+            collect(layer, gy2, x.reshape(-1, x.shape[-1]))  # last one, the projection), before ∂L/∂B exists
         gB = gx = None
         if ctx.needs_input_grad[1]:  # left: s·δᵀ(x Pᵀ), (m, r); right: s·(δ P)ᵀ x, (r, n)
             gB = s * (gy2.T @ xp.reshape(-1, layer.r) if layer.left else (gy2 @ P).T @ x.reshape(-1, x.shape[-1]))
@@ -329,8 +328,12 @@ class LoQTLinear(nn.Module):
         self.P = QuantizedTensor(w.new_zeros((r, n) if self.left else (m, r)), cfg.quantize_projection_matrix)
         self.B = nn.Parameter(w.new_zeros((m, r) if self.left else (r, n)))
         self.bias = linear.bias
-        self.collect_G = None  # the device G accumulates on during a refresh step, else None
-        self.grad_W = None  # G = ∂L/∂W, float32 (m, n), from the first backward of a refresh step to the refresh
+        self.collect_G = None  # refresh step: where G's share of earlier micro-steps waits (host if offloaded); else None
+        self.micro_left = None  # refresh step: backward passes still to come before G is complete (None: driven by hand)
+        self.check_finite = False  # refresh step under float16: note whether G is finite (the GradScaler may skip)
+        self.grad_W = None  # Σ δᵀx of the micro-steps so far, float32 (m, n), while smaller than their (δ, x) pairs
+        self.G_parts = []  # or those (δ, x) pairs themselves, while smaller than that sum (see collect)
+        self.pending = None  # (the new P encoded, "G finite" or None): from G's projection to the merge
         self.stats = None  # (kept error, plain requantization error, skipped) of the last refresh, 0-dim tensors
 
     def delta(self, P=None):
@@ -499,10 +502,73 @@ def is_refresh_step(step, cfg, train):
 
 
 def step_start(step, model, cfg, train):
-    """On a refresh step, every layer starts accumulating G = ∂L/∂W (on the host with --use_offloading)."""
+    """On a refresh step, every layer starts collecting G = ∂L/∂W: it expects one backward per micro-step."""
     if is_refresh_step(step, cfg, train):
         for layer in loqt_layers(model):
             layer.collect_G = torch.device(train.offload_device) if cfg.use_offloading else layer.B.device
+            layer.micro_left, layer.check_finite = train.grad_accum, train.dtype == "float16"
+
+
+def collect(layer, gy, x):
+    """In the layer's backward on a refresh step: gy (tokens, m) and x (tokens, n) of this micro-step.
+
+    Not the last micro-step: keep its share of G where collect_G says, either as the running sum
+    Σ δᵀx (float32 m×n, as the original's weight_grad) or as the pair (δ, x) itself, whichever is
+    smaller for the micro-steps still to come: (micro-steps before the last)·tokens·(m + n) values
+    in the compute dtype against m·n float32. The SVD is not linear, so no r-dimensional summary of
+    a micro-step would do: the sum has to be formed in full. The last micro-step: G is complete
+    (every share summed in micro-step order, the same float operations as one running sum), and
+    projected at once; G is freed before the next layer's backward."""
+    if layer.micro_left is not None:
+        if layer.micro_left < 1:
+            raise RuntimeError("a LoQTLinear ran more backward passes on a refresh step than there are micro-steps; "
+                               "each layer must be used once per forward")
+        layer.micro_left -= 1
+        if layer.micro_left == 0:
+            project(layer, sum_G(layer, gy, x))
+            return
+    m, n = gy.shape[1], x.shape[1]
+    pairs_fit = layer.micro_left is not None and layer.grad_W is None and \
+        layer.micro_left * gy.shape[0] * (m * gy.element_size() + n * x.element_size()) <= 4 * m * n
+    if layer.G_parts or pairs_fit:  # (shapes only: the choice is made on the first micro-step, and kept)
+        layer.G_parts.append((gy.to(layer.collect_G), x.to(layer.collect_G)))
+    else:
+        g = (gy.float().T @ x.float()).to(layer.collect_G)  # G += δᵀx, (m, n), float32
+        layer.grad_W = g if layer.grad_W is None else layer.grad_W.add_(g)
+
+
+def sum_G(layer, gy=None, x=None, device=None):
+    """G, complete, float32 (m, n) on the compute device: the running sum, or the kept (δ, x) pairs, plus
+    this micro-step's δᵀx; the layer lets go of both. (Device-side adds equal host-side ones bit for bit.)"""
+    device = gy.device if gy is not None else device
+    G = None if layer.grad_W is None else layer.grad_W.to(device)
+    parts = layer.G_parts + ([(gy, x)] if gy is not None else [])
+    layer.grad_W, layer.G_parts = None, []
+    for d, xi in parts:
+        g = d.to(device).float().T @ xi.to(device).float()
+        G = g if G is None else G.add_(g)
+    return G
+
+
+@torch.no_grad()
+def project(layer, G):
+    """G (complete, this rank's micro-steps) -> the layer's next projector, kept encoded in layer.pending
+    until the merge; G and the SVD factors are freed here.
+
+    All-reduce G over ranks (DDP reduces parameter gradients only: G is ours; SUM, as gloo has no
+    AVG); P = top-r singular vectors of G (float32 SVD; left: right singular vectors as rows, right:
+    left ones as columns), encoded as P is stored. float16: G may be inf/NaN (the GradScaler then
+    skips the step): note it, and run the SVD on a finite G whose result the merge will drop."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(G)
+        G /= dist.get_world_size()
+    ok = None
+    if layer.check_finite:
+        ok = torch.isfinite(G).all()
+        G.nan_to_num_(0.0, 0.0, 0.0)
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)  # float32 SVD of the full gradient
+    del G, S
+    layer.pending = (layer.P.encode(Vh[:layer.r] if layer.left else U[:, :layer.r]), ok)  # top-r right / left vectors
 
 
 @torch.no_grad()
@@ -561,25 +627,20 @@ def adjust_optimizer_state(layer, optimizer, how, P_old, P_new):
 
 
 @torch.no_grad()
-def refresh(layer, optimizer, cfg, train):
-    """One layer: merge s·ΔW, new P from SVD(G), error-compensated Q and B, B's Adam state; frees G."""
-    G = layer.grad_W.to(layer.B.device)  # one layer's G on the device (it may come from the host)
-    layer.grad_W = layer.collect_G = None
+def merge(layer, optimizer, cfg):
+    """One layer, after B's optimizer step: merge s·ΔW, load the new P (layer.pending), error-compensated
+    Q and B, B's Adam state. Besides W_fp it holds at most three m×n float32 buffers (compensated_init)."""
+    enc, ok = layer.pending
+    layer.pending = None
     ddp = dist.is_available() and dist.is_initialized()
-    if ddp:  # DDP reduces parameter grads only; G is ours to average (SUM: gloo has no AVG)
-        dist.all_reduce(G)
-        G /= dist.get_world_size()
     skipped = torch.zeros(())
-    if train.dtype == "float16":  # the GradScaler skipped this step if G is not finite: skip the refresh too
-        ok = torch.isfinite(G).all()
-        G.nan_to_num_(0.0, 0.0, 0.0)  # an SVD that can run; its result is dropped below
+    if ok is not None:  # float16: keep what a skipped step must restore
         st = optimizer.state.get(layer.B, {})
         tensors = [*layer.W.buffers(), *layer.P.buffers(), layer.B]
         before = [t.clone() for t in tensors], {k: v.clone() for k, v in st.items() if torch.is_tensor(v)}
     P_old = layer.P.dequantize()
-    U, S, Vh = torch.linalg.svd(G, full_matrices=False)  # float32 SVD of the full gradient
-    layer.P.load_(layer.P.encode(Vh[:layer.r] if layer.left else U[:, :layer.r]))  # top-r right / left vectors
-    del G, U, S, Vh  # before W_fp exists: the two big moments of a refresh never overlap
+    layer.P.load_(enc)
+    del enc
     for t in layer.P.buffers() if ddp else []:  # rank 0's P everywhere, even if SVDs differ in the last bit
         dist.broadcast(t, 0)
     W_fp = layer.merged_weight(P_old)  # W_fp = deq(Q) + s·B·P_old, float32 (m, n): Q and B are still the old ones
@@ -588,7 +649,7 @@ def refresh(layer, optimizer, cfg, train):
     for t in [*layer.W.buffers(), layer.B.data] if ddp else []:
         dist.broadcast(t, 0)
     adjust_optimizer_state(layer, optimizer, cfg.refresh_optimizer_state, P_old, P_new)
-    if train.dtype == "float16":
+    if ok is not None:
         for t, old in zip(tensors, before[0]):
             t.copy_(torch.where(ok, t, old))
         for k, old in before[1].items():
@@ -599,26 +660,31 @@ def refresh(layer, optimizer, cfg, train):
 
 
 def param_step(step, p, model, optimizer, cfg, train):
-    """--per_layer_updates: B's gradient is complete, and with it its layer's G (LoQTMatmul). Step B
-    now (the only parameter with a gradient), refresh the layer and free G, so only one layer's G
-    ever exists; train.py's own step then finds no gradient on B."""
+    """--per_layer_updates: B's gradient is complete, and its layer's projection is already made (its
+    backward projects G before returning ∂L/∂B). Step B now (the only parameter with a gradient) and
+    merge the layer; train.py's own step then finds no gradient on B."""
     if not is_refresh_step(step, cfg, train):
         return
-    layer = next((l for l in loqt_layers(model) if l.B is p and l.grad_W is not None), None)
+    layer = next((l for l in loqt_layers(model) if l.B is p and l.pending is not None), None)
     if layer is not None:
         optimizer.step()
         p.grad = None
-        refresh(layer, optimizer, cfg, train)
+        merge(layer, optimizer, cfg)
 
 
 @torch.no_grad()
 def after_step(step, model, optimizer, cfg, train):
-    """Refresh every layer that holds a G (all of them on a refresh step, unless param_step did), one at a time."""
+    """Merge every layer whose projection is waiting (all of them on a refresh step, unless param_step
+    did), one at a time. A layer still holding its G (driven by hand, without step_start) is projected first."""
     layers = loqt_layers(model)
     for layer in layers:
-        if layer.grad_W is not None:
-            refresh(layer, optimizer, cfg, train)
-        layer.collect_G = None
+        if layer.grad_W is not None or layer.G_parts:
+            layer.check_finite = layer.check_finite or train.dtype == "float16"
+            project(layer, sum_G(layer, device=layer.B.device))
+        if layer.pending is not None:
+            merge(layer, optimizer, cfg)
+        layer.collect_G = layer.micro_left = None
+        layer.check_finite = False
     done = [l for l in layers if l.stats is not None]
     if not done:
         return {}

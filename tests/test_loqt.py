@@ -4,6 +4,8 @@ import functools
 import json
 import os
 import time
+import types
+import weakref
 
 import pytest
 import torch
@@ -494,25 +496,33 @@ def test_refresh_optimizer_state(how, optimizer, storage):
 # ----------------------------------------------------------------------------- float16: skipped steps
 
 
-def test_float16_refresh_is_skipped_with_its_step():
+def test_float16_refresh_is_skipped_with_its_step(monkeypatch):
     """A G with inf/NaN (a step the GradScaler skips) leaves that layer's Q, P, B and Adam state
-    untouched; the layers with a finite G refresh. Without the guard the SVD raises."""
+    untouched; the layers with a finite G refresh. Without the guard the SVD raises. The inf is put
+    into the bad layer's complete G as it reaches the projection, inside the backward."""
     model = tiny_gpt()
     c = loqt.Config(lora_r=8, optimizer="adam8bit", compensate_quant_error_iterations=2)
     loqt.wrap(model, c)
     tc = train_cfg(dtype="float16")
     opt = loqt.make_optimizer(model, c, tc)
     x = torch.randint(0, 257, (2, 17))
+    layers = loqt.loqt_layers(model)
+    bad, project = layers[3], loqt.project
+
+    def poisoned(layer, G):
+        if layer is bad:
+            G[0, 0] = float("inf")
+        project(layer, G)
     for step in range(2):  # a first refresh, then moments under a real projector
+        if step == 1:
+            monkeypatch.setattr(loqt, "project", poisoned)
         loqt.step_start(0, model, c, tc)
         model(x[:, :-1], x[:, 1:])[1].backward()
         opt.step()
         opt.zero_grad()
         if step == 0:
             loqt.after_step(0, model, opt, c, tc)
-    layers = loqt.loqt_layers(model)
-    bad = layers[3]
-    bad.grad_W[0, 0] = float("inf")
+    assert all(lay.pending is not None for lay in layers)  # projected in the backward, nothing loaded yet
     snapshot = lambda lay: {**{k: v.clone() for k, v in lay.state_dict().items()},  # noqa: E731
                             **{"adam." + k: v.clone() for k, v in opt.state[lay.B].items() if torch.is_tensor(v)}}
     before = {lay: snapshot(lay) for lay in layers}
@@ -578,29 +588,144 @@ def test_resume_exact_state_bytes_kept_and_model_pt_equals_wrapped(train_run, da
 
 
 def test_per_layer_updates_equal_the_ordinary_step(train_run, tmp_path, monkeypatch):
-    """--per_layer_updates steps and refreshes each layer inside the backward: one layer's G exists at
-    a time (all 28 in the ordinary step), and float32 on the CPU the end weights equal the ordinary
-    step's bit for bit (refreshes at updates 0, 2 and 4)."""
-    backward, seen, live = loqt.LoQTMatmul.backward, set(), []
+    """Both modes project each layer's G inside its own backward and free it there: no layer holds a G
+    after its backward, and when a projection starts every earlier G is already gone (one G exists
+    at a time; before, the ordinary step kept all 28 until after the optimizer step). --per_layer_updates
+    then steps and merges each layer inside the backward; float32 on the CPU the end weights equal the
+    ordinary step's bit for bit (refreshes at updates 0, 2 and 4)."""
+    backward, project, seen, live, alive_at_projection = loqt.LoQTMatmul.backward, loqt.project, set(), [], []
+    earlier = []  # weak references to every G projected so far
 
-    def spy(ctx, gy):  # after each layer's backward: how many layers hold a G now
+    def spy(ctx, gy):  # after each layer's backward: how many layers hold any part of a G now
         out = backward(ctx, gy)
         seen.add(ctx.layer)
-        live.append(sum(lay.grad_W is not None for lay in seen))
+        live.append(sum(lay.grad_W is not None or len(lay.G_parts) > 0 for lay in seen))
         return out
+
+    def spy_project(layer, G):
+        alive_at_projection.append(sum(ref() is not None for ref in earlier))
+        earlier.append(weakref.ref(G))
+        project(layer, G)
     monkeypatch.setattr(loqt.LoQTMatmul, "backward", staticmethod(spy))
+    monkeypatch.setattr(loqt, "project", spy_project)
     args = ["--method", "loqt", "--grad_clipping", "0", "--num_training_steps", "5", "--update_proj_gap", "2",
             "--proj_gap_progression", "static", "--lora_r", "8", "--eval_every", "100",
             "--compensate_quant_error_iterations", "2"]
     a = train_run(*args, save_dir=tmp_path / "whole")
-    assert max(live) == 28
-    seen.clear(), live.clear()
+    assert max(live) == 0 and len(alive_at_projection) == 3 * 28 and max(alive_at_projection) == 0
+    seen.clear(), live.clear(), earlier.clear(), alive_at_projection.clear()
     b = train_run(*args, "--per_layer_updates", save_dir=tmp_path / "per_layer")
-    assert max(live) == 1
+    assert max(live) == 0 and len(alive_at_projection) == 3 * 28 and max(alive_at_projection) == 0
     assert [r["step"] for r in b["metrics"] if "method/refresh" in r] == [1, 3, 5]
     assert [r["method/quant_err"] for r in a["metrics"] if "method/refresh" in r] == \
         [r["method/quant_err"] for r in b["metrics"] if "method/refresh" in r]
     assert_same_weights(ckpt_model(tmp_path / "whole"), ckpt_model(tmp_path / "per_layer"), atol=0)
+
+
+class ReferenceRefresh:
+    """The refresh step as loqt.py ran it before the projection moved into the backward, written out
+    here with the same float operations: every layer's G = Σ δᵀx (float32, micro-step order) is kept
+    whole until after the optimizer step, then each layer: SVD, new P, merge with the old P,
+    compensated Q and B, projected Adam state. It stands in for loqt's step_start and after_step."""
+
+    def __init__(self):
+        self.G, self.handles = {}, []
+
+    def step_start(self, step, model, cfg, train):
+        if loqt.is_refresh_step(step, cfg, train):
+            self.handles = [lay.register_forward_hook(functools.partial(self.capture, lay)) for lay in loqt.loqt_layers(model)]
+
+    def capture(self, lay, module, args, y):  # y: LoQTMatmul's output, in the compute dtype; so was its x
+        x = args[0].to(y.dtype).reshape(-1, args[0].shape[-1])
+
+        def add(gy):  # the gradient LoQTMatmul.backward receives
+            g = gy.reshape(-1, gy.shape[-1]).float().T @ x.float()
+            self.G[lay] = g if lay not in self.G else self.G[lay].add_(g)
+        y.register_hook(add)
+
+    @torch.no_grad()
+    def after_step(self, step, model, optimizer, cfg, train):
+        for h in self.handles:
+            h.remove()
+        self.handles, stats = [], []
+        for lay in loqt.loqt_layers(model):
+            G = self.G.pop(lay, None)
+            if G is None:
+                continue
+            P_old = lay.P.dequantize()
+            U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+            lay.P.load_(lay.P.encode(Vh[:lay.r] if lay.left else U[:, :lay.r]))
+            W_fp = lay.merged_weight(P_old)
+            P_new = lay.P.dequantize()
+            err, err0 = loqt.compensated_init(lay, W_fp, cfg.compensate_quant_error_iterations, P_new)
+            loqt.adjust_optimizer_state(lay, optimizer, cfg.refresh_optimizer_state, P_old, P_new)
+            norm = W_fp.norm().clamp_min(1e-30)
+            stats.append(torch.stack([err / norm, err0 / norm]))
+        if not stats:
+            return {}
+        stats = torch.stack(stats).mean(0)
+        return {"refresh": 1.0, "quant_err": stats[0], "quant_err_uncompensated": stats[1]}
+
+
+def tiny_run(data_dir, method, *args):
+    """train.py's stages up to the loop, for the tiny model and its data, with `method` as the method module."""
+    tc, _, mc = train.parse_args(TINY + ["--data_dir", data_dir, "--method", "loqt", *args])
+    run = train.setup(tc, method, mc)
+    train.check_geometry(tc)
+    train.prepare_data(run)
+    train.build(run, run.data.vocab_size)
+    return run
+
+
+@pytest.mark.parametrize("storage,batch,total,offload,kept", [
+    ("float32", 4, 4, False, None),         # one micro-step: G is complete in its first backward
+    ("float32", 4, 8, False, "sum"),        # 2 micro-steps of 128 tokens: the running sum Σ δᵀx is smaller
+    ("float32", 2, 4, True, "pairs"),       # 2 micro-steps of 64 tokens: (δ, x) is smaller; on the "host"
+    ("bfloat16", 4, 4, False, None),
+    ("bfloat16", 4, 8, False, "pairs"),     # 2 micro-steps of 128 bf16 tokens: pairs
+    ("bfloat16", 2, 6, False, "mixed"),     # 3 micro-steps of 80 bf16 tokens: sums for attention, pairs for the MLP
+])
+def test_projection_in_the_backward_equals_the_refresh_after_the_step(data_dir, monkeypatch, storage, batch, total,
+                                                                      offload, kept):
+    """The refresh now projects each layer's G in its own backward and merges after the optimizer step;
+    the reference keeps every G whole until after the step, as before. On the same model and batches
+    (4 updates, refreshes at 0 and 2, clipping on, K = 2, NF4 W and P, adam8bit with projected moments)
+    every weight, code, factor and optimizer state tensor is equal bit for bit, and so are the logged
+    errors: each G is the same float32 sum in the same order, and everything after it is the same code
+    on the same inputs. Gradient accumulation covers both ways a G waits between micro-steps."""
+    args = ["--storage_dtype", storage, "--batch_size", str(batch), "--total_batch_size", str(total),
+            "--max_length", "40" if kept == "mixed" else "32", "--update_proj_gap", "2", "--proj_gap_progression", "static", "--lora_r", "8",
+            "--compensate_quant_error_iterations", "2", "--optimizer", "adam8bit", "--grad_clipping", "0.5",
+            *(["--use_offloading"] if offload else [])]
+    ref = ReferenceRefresh()
+    reference = types.SimpleNamespace(**{k: getattr(loqt, k) for k in dir(loqt) if not k.startswith("__")})
+    reference.step_start, reference.after_step = ref.step_start, ref.after_step
+    sum_G, waited = loqt.sum_G, []
+
+    def spy(layer, *a, **kw):  # how the layer's earlier micro-steps waited for the last one
+        waited.append("pairs" if layer.G_parts else "sum" if layer.grad_W is not None else None)
+        return sum_G(layer, *a, **kw)
+    monkeypatch.setattr(loqt, "sum_G", spy)
+    runs = {"new": tiny_run(data_dir, loqt, *args), "reference": tiny_run(data_dir, reference, *args)}
+    events = {k: [] for k in runs}
+    for name, run in runs.items():
+        for step in range(4):
+            torch.manual_seed(step)
+            events[name].append(train.train_step(run, step)[2])
+    new, old = runs["new"], runs["reference"]
+    assert new.tc.grad_accum == total // batch and len(waited) == 2 * 28
+    assert set(waited) == ({"pairs", "sum"} if kept == "mixed" else {kept})
+    assert [sorted(e) for e in events["new"]] == [sorted(e) for e in events["reference"]] and events["new"][0]
+    for a, b in zip(events["new"], events["reference"]):
+        assert all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
+    assert_same_weights(new.model.state_dict(), old.model.state_dict(), atol=0)
+    sa, sb = new.optimizer.state_dict()["state"], old.optimizer.state_dict()["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        assert sa[i].keys() == sb[i].keys()
+        assert all(torch.equal(sa[i][k], sb[i][k]) if torch.is_tensor(sa[i][k]) else sa[i][k] == sb[i][k] for k in sa[i])
+    lays = loqt.loqt_layers(new.model)
+    assert all(l.pending is None and l.grad_W is None and not l.G_parts and l.collect_G is None for l in lays)
 
 
 def test_ddp_ranks_agree(torchrun, tmp_path):
