@@ -156,6 +156,7 @@ micro-batch 1 x 256, vocabulary 32000, bf16 compute, r 512 (llama_1b) and 1024 (
     llama_1b  golore    16.16   14.33           8.16    5.83
     llama_7b  full     125.53   90.11          62.77   39.59
     llama_7b  golore    79.94   68.31          40.26   26.44
+    llama_7b  golore, --optimizer adam8bit     37.25   23.43   (float32 storage not measured)
 
     python memory.py --methods full,golore --model_config llama_1b --method_args "golore=--rank 512" \
         [--storage_dtype bfloat16] [--per_layer_updates --grad_clipping 0]
