@@ -24,24 +24,31 @@ Implementation details:
    is decoded by looking up its pair of levels.
 2. One autograd function per layer (`LoQTMatmul`) computes y = x·deq(Q)ᵀ + s·x·ΔWᵀ and, in the
    backward, ∂L/∂x and ∂L/∂B; deq(Q) and deq(P) are recomputed there (nothing m×n is saved). On
-   a refresh step the same backward first accumulates G = Σ δᵀx (float32) into `layer.grad_W`
-   over the micro-steps (the original's "weight_grad" side buffer: an NF4 weight has no .grad),
-   so G is complete before B's gradient, and any hook on it, exists.
+   a refresh step the same backward also forms G = Σ δᵀx (float32; the original accumulates it in
+   a "weight_grad" side buffer, since an NF4 weight has no .grad). That backward is the one place
+   where a layer's full-weight gradient is complete (on the last micro-step), so the projection is
+   made right there and G is dropped (detail 4), before B's gradient, and any hook on it, exists.
 3. Refresh steps as the original's `get_proj_update_steps`: T_0 = 0, T_1 = τ; static
    T_{k+1} = T_k + τ; exponential T_{k+1} = T_k + τ + ⌊ψ^k⌋; linear T_{k+1} = T_k + ⌊g_k⌋ with
    g_k = g_{k-1} + ψ summed in floating point from g_0 = τ, as the original (for τ 100, ψ 1.2
    every fifth gap from k = 35 on is one step shorter than ⌊τ + k·ψ⌋). Only the chosen
    progression is evaluated, once per run.
-4. A layer's refresh, after B's optimizer step on a refresh step: all-reduce G over ranks;
-   P = top-r singular vectors of G (float32 SVD; left: the top-r right singular vectors as rows,
-   right: the top-r left ones as columns; NF4 storage optional); merge W_fp = deq(Q) + s·ΔW in
-   float32; K = --compensate_quant_error_iterations rounds of Q_k = quant(C_{k-1}),
-   B_k = (W_fp − deq(Q_k))·P⁺/s (left) or P⁺·(W_fp − deq(Q_k))/s (right), C_k = W_fp − s·ΔW_k,
-   C_0 = W_fp, keeping the round with the least ‖W_fp − deq(Q_k) − s·ΔW_k‖_F (K = 0: B = 0).
-   The choice is a torch.where, not a Python branch, so the refresh also runs on fake tensors
-   (memory.py); metrics are 0-dim tensors. P, Q and B are broadcast from rank 0, so ranks agree
-   even if SVDs differ in the last bit. Layers refresh one after another: besides G and W_fp, a
-   refresh holds at most three more m×n float32 buffers of one layer.
+4. A layer's refresh, in two parts. (a) `project`, in the layer's backward on the last micro-step
+   (detail 2): all-reduce G over ranks; P = top-r singular vectors of G (float32 SVD; left: the
+   top-r right singular vectors as rows, right: the top-r left ones as columns; NF4 storage
+   optional), kept encoded in `layer.pending` (r·min(m, n) codes) while Q, P and B stay as they
+   are; G and the SVD factors are freed. (b) `merge`, after B's optimizer step: load the new P;
+   merge W_fp = deq(Q) + s·B·P_old in float32; K = --compensate_quant_error_iterations rounds of
+   Q_k = quant(C_{k-1}), B_k = (W_fp − deq(Q_k))·P⁺/s (left) or P⁺·(W_fp − deq(Q_k))/s (right),
+   C_k = W_fp − s·ΔW_k, C_0 = W_fp, keeping the round with the least ‖W_fp − deq(Q_k) − s·ΔW_k‖_F
+   (K = 0: B = 0). The choice is a torch.where, not a Python branch, so the refresh also runs on
+   fake tensors (memory.py); metrics are 0-dim tensors. P, Q and B are broadcast from rank 0, so ranks agree
+   even if SVDs differ in the last bit. Layers merge one after another: besides W_fp, a merge
+   holds at most three more m×n float32 buffers of one layer. The SVD needs nothing of B's step,
+   and the merge nothing of G: this split is the old refresh (everything after B's step) to the
+   bit (a test runs both), with only one layer's G in memory at a time instead of all of them.
+   G is not an optimizer gradient: gradient clipping never sees it (it clips B and the full-rank
+   parameters); under float16 it comes from the scaled loss (the SVD does not care).
 5. --optimizer adam8bit: an 8-bit AdamW written here; moments in blocks of 256 on a dynamic
    (decade-wise) code with float32 absmax. Tensors under 4096 elements keep float32 state, and so
    do the embeddings and lm_head unless --adam8bit_embeddings (8-bit state on the embedding was
@@ -56,13 +63,30 @@ Implementation details:
    s 1.0: 2.047 / 2.090 / 2.011. Project wins every time, so it is the default.
 
 Memory modes (the paper's abstract: 7B on a 24 GB GPU, 13B with per-layer gradient updates):
-- Offloading (--use_offloading, the original's flag): during a refresh step each layer's G
-  accumulates on the host (train.offload_device, the CPU); the refresh brings one layer's G to
-  the device at a time. W_fp needs no host copy here: it is built at refresh time, one layer at
-  a time (the original builds every layer's W_fp before the forward and parks it on the CPU).
-- Per-layer updates (train.py --per_layer_updates): B's gradient hook (`param_step`) steps B,
-  refreshes its layer at once (G is complete, detail 2) and frees G, so one layer's G exists at a
-  time, on the device. The weights equal those of the ordinary step (a test, bit for bit on CPU).
+- Every mode: a layer's G lives only inside that layer's backward on the last micro-step of a
+  refresh step (detail 2), so one m×n float32 G and its SVD factors exist at a time, whatever the
+  depth; what outlives the backward is each layer's encoded new P until the merge (r·min(m, n)
+  NF4 codes: 0.5 GiB at 7B, r 1024). Before this, the ordinary step kept every layer's G until
+  after the optimizer step: 24 GiB at 7B, the peak (41.03 GiB; now MEASURED_7B, table below).
+- Gradient accumulation (k micro-steps, G = Σ over them): the SVD is not linear, so G has to be
+  summed in full first; no r-dimensional summary of a micro-step is exact. Micro-steps 1..k−1
+  leave, per layer, the smaller of the running sum Σ δᵀx (m·n float32, the original's
+  weight_grad) and their (δ, x) pairs ((k−1)·tokens·(m + n) values in the compute dtype), chosen
+  from shapes (`collect`); the last micro-step's backward adds them up in micro-step order (the
+  float additions of one running sum) and projects. At 7B, 256 bf16 tokens a micro-step, the pairs
+  win for every layer up to k = 17 (1.2 GiB a micro-step for all layers, against 24 GiB of sums);
+  an attention layer keeps its sum once (k−1)·tokens exceeds 4096, an MLP one once it exceeds 5970.
+- DDP: G is all-reduced inside the backward, on the last micro-step (the one where DDP reduces
+  the parameter gradients), layer by layer in backward order, the same order on every rank.
+- Offloading (--use_offloading, the original's flag): what waits between micro-steps (the sums
+  or the pairs) lives on the host (train.offload_device, the CPU); with one micro-step per update
+  nothing waits, so nothing is offloaded. W_fp needs no host copy here: it is built at merge time,
+  one layer at a time (the original builds every layer's W_fp before the forward and parks it on
+  the CPU).
+- Per-layer updates (train.py --per_layer_updates): B's gradient hook (`param_step`) steps B and
+  merges its layer at once (its projection was made just before, in the same backward), so B's
+  gradient, too, exists for one layer at a time. The weights equal those of the ordinary step (a
+  test, bit for bit on CPU).
 - Storage precision (--storage_dtype bfloat16): Q is 4-bit either way; B, the embeddings, norms
   and lm_head are stored in bf16, as in the original's pure-bf16 model. B follows the storage
   dtype because at paper scale it is not small: r·max(m, n) is 1.6B numbers at 7B (r 1024), a
@@ -76,9 +100,9 @@ Memory modes (the paper's abstract: 7B on a 24 GB GPU, 13B with per-layer gradie
 
 Deviations from the official code, and why:
 - The original disables the adapter on a refresh step, merges before the forward and zeroes B's
-  gradient (B moves by momentum alone). Here the refresh step trains normally and refreshes after
-  B's optimizer step: G = ∂L/∂W is the same at deq(Q) + s·ΔW however W is split, and B keeps its
-  update.
+  gradient (B moves by momentum alone). Here the refresh step trains normally, projects G in the
+  backward and merges after B's optimizer step: G = ∂L/∂W is the same at deq(Q) + s·ΔW however W
+  is split, and B keeps its update.
 - Merges in float32 (the original merges in bf16); B is never swapped for 1×1 placeholders (the
   Parameter set stays fixed for DDP and the optimizer).
 - --max_proj_gap caps the gap between refreshes (the original clamps the step values, which
@@ -91,8 +115,11 @@ Deviations from the official code, and why:
   which changes neither its singular vectors nor the merge.
 
 Some warnings:
-- Without offloading or per-layer updates a refresh step holds one float32 m×n gradient per
-  adapted layer at once: 24 GiB at 7B, the memory peak (table below).
+- Gradient accumulation with large micro-batches keeps a float32 m×n sum per adapted layer
+  between micro-steps (24 GiB at 7B) unless --use_offloading puts them on the host (above).
+- The projection runs inside the backward: a refresh step's backward is slower by the SVDs (the
+  total work is the old one), and a LoQTLinear must run once per forward (a second backward in a
+  refresh step raises: its G would be projected incomplete).
 - Each requantization loses updates smaller than a quantization step: why the gaps grow.
 - s multiplies the adapted weights' effective learning rate (Adam is scale-invariant): s·lr.
 - Until the first refresh (update 0) P = 0: that update trains the embeddings, norms and head only.
@@ -553,7 +580,7 @@ def sum_G(layer, gy=None, x=None, device=None):
 @torch.no_grad()
 def project(layer, G):
     """G (complete, this rank's micro-steps) -> the layer's next projector, kept encoded in layer.pending
-    until the merge; G and the SVD factors are freed here.
+    until the merge (on the host with --use_offloading); G and the SVD factors are freed here.
 
     All-reduce G over ranks (DDP reduces parameter gradients only: G is ours; SUM, as gloo has no
     AVG); P = top-r singular vectors of G (float32 SVD; left: right singular vectors as rows, right:
@@ -568,7 +595,10 @@ def project(layer, G):
         G.nan_to_num_(0.0, 0.0, 0.0)
     U, S, Vh = torch.linalg.svd(G, full_matrices=False)  # float32 SVD of the full gradient
     del G, S
-    layer.pending = (layer.P.encode(Vh[:layer.r] if layer.left else U[:, :layer.r]), ok)  # top-r right / left vectors
+    enc = layer.P.encode(Vh[:layer.r] if layer.left else U[:, :layer.r])  # top-r right / left vectors
+    del U, Vh
+    where = layer.collect_G or layer.B.device  # --use_offloading: it waits for the merge on the host, too
+    layer.pending = ({k: t.to(where) for k, t in enc.items()}, ok)
 
 
 @torch.no_grad()
