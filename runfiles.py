@@ -149,8 +149,14 @@ def start_process_group(backend, timeout_s):
     (--max-restarts) share it, under the same keys: the addresses the dead attempt's ranks
     published are still there, and a restarted rank that reads one before its peer has overwritten
     it connects to a dead port (gloo: "connectFullMesh failed ... Connection refused", or a hang in
-    init_process_group). TORCHELASTIC_RESTART_COUNT (0 outside torchrun) names the attempt."""
+    init_process_group). TORCHELASTIC_RESTART_COUNT (0 outside torchrun) names the attempt.
+
+    torch.distributed.nn is imported first: its functions take `group=group.WORLD` as a default,
+    evaluated at import, and DDP's constructor imports it (through torch._dynamo); imported after
+    the group exists, those ten defaults hold the group for good, so destroy_process_group cannot
+    free it and gloo's threads live on into the interpreter's shutdown."""
     import torch.distributed as dist
+    import torch.distributed.nn  # noqa: F401  (before the group exists: see above)
     timeout = datetime.timedelta(seconds=timeout_s)
     store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
     store.set_timeout(timeout)
@@ -169,8 +175,9 @@ def crash_for_test(rank, step):
 
 def end_process_group(finished):
     """DDP's teardown in order. A run every rank `finished`: the ranks meet at a barrier first, so
-    that none exits (closing its connections) while another still writes its files or uses the
-    group; then the group is destroyed. After an error a peer may be dead: destroy only."""
+    that none leaves while another still uses the group; then the group is destroyed, which joins
+    gloo's threads (start_process_group keeps it destroyable) before the interpreter shuts down.
+    After an error a peer may be dead: destroy only."""
     import torch.distributed as dist
     if not dist.is_initialized():
         return
