@@ -217,6 +217,172 @@ def measure(argv, vocab_size=32000):
     return peak
 
 
+# ----------------------------------------------------------------------------- the fit finder (--fit)
+
+FIT_MODES = {"plain": [], "activation_checkpointing": ["--activation_checkpointing"],
+             "per_layer_updates": ["--per_layer_updates", "--grad_clipping", "0"]}
+
+
+def fit_modes():
+    """The modes this train.py has: --activation_checkpointing only where TrainConfig has the field."""
+    fields = {f.name for f in dataclasses.fields(train.TrainConfig)}
+    return {k: v for k, v in FIT_MODES.items() if k == "plain" or k in fields}
+
+
+def batch_error(e):
+    """A user error about the batch geometry (LTE: a batch its heads divide): that size is invalid, not the method."""
+    return isinstance(e, train.USER_ERRORS) and "batch" in str(e).lower()
+
+
+def fit_batch(argv, budget, vocab_size=32000, max_batch=1024, probe=16, log=None):
+    """The largest --batch_size whose estimated peak is <= budget bytes: exponential doubling, then bisection
+    (the peak grows with the batch), over the valid sizes only: multiples of the smallest size the method
+    accepts (LTE: its --num_heads; found by trying 1, 2, ... up to `probe`). Raises the user error of a
+    configuration no batch size fixes (e.g. --per_layer_updates on a method without it).
+    -> dict: batch_size (0: not even the smallest valid size fits), peak_bytes (at batch_size; None at 0),
+    step, next_batch_size / next_peak_bytes (the next valid size, over the budget; None when capped or
+    never estimated), capped, min_peak_bytes (the smallest valid size's peak), estimates (estimator calls),
+    the estimate at batch_size (breakdown, command), seconds."""
+    t0, cache = time.time(), {}
+
+    def est(b):
+        if b not in cache:
+            cache[b] = estimate(argv + ["--batch_size", str(b)], vocab_size)
+            if log:
+                log(f"    batch {b:>5}: peak {cache[b]['peak_bytes'] / GIB:8.2f} GiB ({cache[b]['seconds']:.0f}s)")
+        return cache[b]
+
+    step, first = None, None
+    for b in range(1, min(probe, max_batch) + 1):
+        try:
+            est(b)
+            step = b
+            break
+        except train.USER_ERRORS as e:
+            if not batch_error(e):
+                raise
+            first = first or e
+    if step is None:
+        raise first if first else train.TrainingError(f"no batch size up to {max_batch} is valid")
+    fits = lambda k: est(k * step)["peak_bytes"] <= budget  # noqa: E731
+    lo, hi, capped = 0, None, False  # in units of step: lo fits, hi does not
+    if fits(1):
+        lo, kmax = 1, max_batch // step
+        while hi is None:
+            if lo >= kmax:
+                capped = True
+                break
+            k = min(2 * lo, kmax)
+            if fits(k):
+                lo = k
+            else:
+                hi = k
+        while hi is not None and hi - lo > 1:
+            mid = (lo + hi) // 2
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid
+    else:
+        hi = 1
+    b = lo * step
+    out = dict(cache[b]) if b else {}
+    out.update(batch_size=b, peak_bytes=cache[b]["peak_bytes"] if b else None, step=step,
+               next_batch_size=(lo + 1) * step if not capped else None,
+               next_peak_bytes=cache[(lo + 1) * step]["peak_bytes"] if (lo + 1) * step in cache and not capped else None,
+               capped=capped, min_peak_bytes=cache[step]["peak_bytes"], estimates=len(cache),
+               seconds=round(time.time() - t0, 1))
+    if not b:
+        out["command"] = cache[step]["command"]
+    return out
+
+
+def fit_alternatives(method, argv, budget, batch, vocab_size=32000):
+    """What would make `batch` fit: each remedy that applies to the method, alone, then all together, at
+    that batch. -> [{"flags", "peak_bytes", "fits"}] (a remedy the method rejects is left out)."""
+    _, _, mc = configure(argv + ["--batch_size", str(batch)])
+    has = lambda flag: flag in argv  # noqa: E731
+    cands = []
+    if method == "loqt" and not has("--use_offloading"):
+        cands.append(["--use_offloading"])
+    if not has("--per_layer_updates"):
+        cands.append(FIT_MODES["per_layer_updates"])
+    if method in ("golore", "loqt") and "adam8bit" not in argv:
+        cands.append(["--optimizer", "adam8bit"])
+    if getattr(mc, "lora_r", 0) > 1 and method != "full":
+        cands.append(["--lora_r", str(mc.lora_r // 2)])
+    if "bfloat16" not in argv:
+        cands.append(["--storage_dtype", "bfloat16"])
+    out, ok = [], []
+    for flags in cands + ([sum(cands, [])] if len(cands) > 1 else []):
+        if len(out) == len(cands) and len(ok) < 2:  # "all together" only when it adds something
+            break
+        try:
+            r = estimate(argv + flags + ["--batch_size", str(batch)], vocab_size)
+        except train.USER_ERRORS:
+            continue
+        out.append({"flags": " ".join(flags), "peak_bytes": r["peak_bytes"], "fits": r["peak_bytes"] <= budget})
+        ok.append(flags)
+    return out
+
+
+def gib(n):
+    return f"{n / GIB:.1f}" if n >= 10 * GIB else f"{n / GIB:.2f}" if n >= GIB / 10 else f"{n / GIB:.3f}"
+
+
+def fit_cell(r):
+    if r is None:
+        return "n/a"
+    if r["batch_size"]:
+        return f"{r['batch_size']}{'+' if r['capped'] else ''} ({gib(r['peak_bytes'])})"
+    good = [a["flags"] for a in r.get("alternatives", []) if a["fits"]]
+    return f"0 ({gib(r['min_peak_bytes'])} at {r['step']})" + (f"; fits with {' / '.join(good)}" if good else
+                                                                    "; no single remedy fits")
+
+
+def fit_main(args, common, extra, methods):
+    """--fit GiB: the largest micro-batch of each method in each mode; a table, and fit.json under --out."""
+    budget, modes, preset = int(args.fit * GIB), fit_modes(), args.model_config
+    common = (["--max_length", "256"] if "--max_length" not in common else []) + list(common)
+    res = {mode: {} for mode in modes}
+    for m in methods:
+        rank = (["--lora_r", str(min(PAPER_RANKS.get(preset, 128), RANK_CAP.get(m, 10 ** 9)))]
+                if args.ranks == "paper" and m != "full" else [])
+        for mode, flags in modes.items():
+            argv_m = ["--method", m, "--model_config", preset] + common + rank + extra.get(m, []) + flags
+            print(f"{m} [{mode}]", flush=True)
+            try:
+                r = fit_batch(argv_m, budget, args.vocab_size, args.fit_max_batch, log=print)
+            except train.USER_ERRORS as e:
+                print(f"    n/a: {e}", flush=True)
+                res[mode][m] = {"batch_size": None, "error": str(e)}
+                continue
+            if not r["batch_size"] and not args.fit_no_alternatives:
+                r["alternatives"] = fit_alternatives(m, argv_m, budget, r["step"], args.vocab_size)
+            res[mode][m] = r
+            print(f"    -> {fit_cell(r)}", flush=True)
+    cmd = "python memory.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if args.cli else None
+    head = "| method | " + " | ".join(f"{k}" for k in modes) + " |"
+    rows = [head, "|---|" + "---|" * len(modes)]
+    for m in methods:
+        rows.append(f"| {m} | " + " | ".join(fit_cell(res[k][m] if res[k][m].get("batch_size") is not None else None)
+                                            for k in modes) + " |")
+    md = (f"Largest micro-batch within {args.fit:g} GiB (estimated peak GiB in brackets), {preset}, "
+          f"common flags `{' '.join(common)}`{', ranks ' + args.ranks if args.ranks else ''}"
+          + "".join(f", {k}: `{' '.join(v)}`" for k, v in extra.items()) + "\n\n" + "\n".join(rows) + "\n")
+    os.makedirs(args.out, exist_ok=True)
+    js = {"config": {"command": cmd, "budget_gib": args.fit, "budget_bytes": budget, "model_config": preset,
+                     "common_args": common, "method_args": extra, "ranks": args.ranks,
+                     "max_batch": args.fit_max_batch, "vocab_size": args.vocab_size, "mode_flags": modes},
+          "methods": res["plain"], "modes": {k: {"methods": v} for k, v in res.items() if k != "plain"}}
+    with open(os.path.join(args.out, "fit.json"), "w") as fh:
+        json.dump(js, fh, indent=1)
+    with open(os.path.join(args.out, "fit.md"), "w") as fh:
+        fh.write(md)
+    print(md)
+    return 0
+
+
 # ----------------------------------------------------------------------------- reports
 
 
@@ -276,13 +442,24 @@ def main(argv=None):
     p.add_argument("--vocab_size", type=int, default=32000, help="the papers' T5 vocabulary (default 32000)")
     p.add_argument("--out", default="bench_out")
     p.add_argument("--check", action="store_true", help="also run the two updates for real on the CPU and compare")
+    p.add_argument("--fit", type=float, default=None, metavar="GiB",
+                   help="find each method's largest --batch_size whose estimated peak is within GiB (fit.json)")
+    p.add_argument("--fit_max_batch", type=int, default=1024, help="--fit: search no further than this batch")
+    p.add_argument("--fit_no_alternatives", action="store_true",
+                   help="--fit: when nothing fits, do not try the remedies at the smallest batch")
     args, common = p.parse_known_args(argv)
+    args.cli = argv is None
+    raw_common = common
     common = ["--batch_size", "1", "--max_length", "256"] + common  # the issue's micro-batch, unless given
     extra = {}
     for item in args.method_args:
         name, _, flags = item.partition("=")
         extra[name.strip()] = shlex.split(flags)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.fit is not None:
+        if "," in args.model_config:
+            p.error("--fit takes one --model_config")
+        return fit_main(args, raw_common, extra, methods)
     results, checks, failed = {}, [], []
     for preset in args.model_config.split(","):
         results[preset] = {}
