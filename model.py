@@ -25,6 +25,7 @@ import zlib
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -204,7 +205,16 @@ def checked(js, key, kind, where, default=None):
 class GPT(nn.Module):
     """The model. `seed` fixes the initial weights: each tensor is drawn from its own generator,
     seeded by (seed, tensor name), so the init does not depend on the order in which tensors are
-    created, on the device, or on whether the model was first built on the meta device."""
+    created, on the device, or on whether the model was first built on the meta device.
+
+    `activation_checkpointing` (a plain attribute, off by default; train.py's flag sets it): in a
+    training forward with grad enabled each Block runs under torch.utils.checkpoint (non-reentrant,
+    RNG state preserved), so autograd keeps only the blocks' inputs and the backward reruns each
+    block's forward, with the same dropout masks, just before its own backward. Whatever a method
+    put inside the blocks is recomputed too: that is safe because no method's forward changes state
+    (their events and gradient hooks run outside the forward or in the backward, which runs once)."""
+
+    activation_checkpointing = False
 
     def __init__(self, cfg: GPTConfig, seed: int = 0):
         super().__init__()
@@ -274,8 +284,12 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.embed_tokens(idx)  # (B, T, C)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.layers:
-            x = block(x, cos, sin)
+            if recompute:  # keep only the block's input; its forward runs again in the backward
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False, preserve_rng_state=True)
+            else:
+                x = block(x, cos, sin)
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         loss = None
         if targets is not None:

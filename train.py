@@ -121,6 +121,9 @@ class TrainConfig:
                              choices=["float32", "bfloat16"])
     device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps")
     compile: bool = opt(False, "torch.compile the model")
+    activation_checkpointing: bool = opt(False, "recompute each transformer block's activations in the backward "
+                                                "(torch.utils.checkpoint, non-reentrant, RNG state preserved): less "
+                                                "activation memory for about one more forward")
     dist_timeout: int = opt(1800, "seconds a DDP collective may wait (init_process_group's timeout)")
     seed: int = opt(0, "seeds the model init, the data order and every method event")
     # evaluation, logging, checkpoints
@@ -408,6 +411,7 @@ def build(run, vocab_size):
         run.method.wrap(model, mc, tc)  # METHOD: model surgery, one layer at a time
     model.materialize()  # whatever the method did not replace
     model.plan(None)  # done: drop the warm-start file
+    model.activation_checkpointing = tc.activation_checkpointing  # GPT.forward checkpoints each block
     optimizer = run.method.make_optimizer(model, mc, tc) if run.hook("make_optimizer") else default_optimizer(model, tc)
     for g in optimizer.param_groups:
         g.setdefault("base_lr", g["lr"])
