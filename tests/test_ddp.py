@@ -78,7 +78,7 @@ def test_ranks_wait_for_a_preparation_longer_than_dist_timeout(tmp_path):
     (with a barrier, rank 1's collective timed out); both then train. The teardown leaves no gloo thread
     running into the interpreter's shutdown (before the fix, DDP's import of torch.distributed.nn pinned
     the group and its threads: destroy_process_group could not free it)."""
-    timeout = 4
+    timeout = 10  # seconds: room for a loaded CI machine between the preparation and the first collective
     argv = TINY + ["--dist_timeout", str(timeout), "--tokenizer", "bytes", "--num_proc", "1",
                    "--data_dir", str(tmp_path / "fresh_cache"), "--save_dir", str(tmp_path / "run")]
     codes = run_ranks(slow_data_rank, (free_port(), 2 * timeout, argv))
