@@ -3,7 +3,8 @@ The training driver: one LLaMA model, one data pipeline, any method.
 
     python train.py                                   # full-rank `tiny` on the built-in corpus (~1-2 min, CPU)
     python train.py --method relora --help            # a method's own flags are listed under its name
-    torchrun --nproc-per-node 2 train.py              # DDP: NCCL on GPUs, gloo on CPU
+    torchrun --standalone --nproc-per-node 2 train.py # DDP on one node: NCCL on GPUs, gloo on CPU
+    torchrun --standalone --nproc-per-node 2 --max-restarts 3 train.py --autoresume  # a crashed rank: resume
     python train.py --model_config llama_60m --dataset allenai/c4 --dataset_config en \
         --max_length 256 --batch_size 64 --total_batch_size 512 --dtype bfloat16 --compile
 
