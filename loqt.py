@@ -42,11 +42,11 @@ Implementation details:
    Q_k = quant(C_{k-1}), B_k = (W_fp − deq(Q_k))·P⁺/s (left) or P⁺·(W_fp − deq(Q_k))/s (right),
    C_k = W_fp − s·ΔW_k, C_0 = W_fp, keeping the round with the least ‖W_fp − deq(Q_k) − s·ΔW_k‖_F
    (K = 0: B = 0). The choice is a torch.where, not a Python branch, so the refresh also runs on
-   fake tensors (memory.py); metrics are 0-dim tensors. P, Q and B are broadcast from rank 0, so ranks agree
-   even if SVDs differ in the last bit. Layers merge one after another: besides W_fp, a merge
-   holds at most three more m×n float32 buffers of one layer. The SVD needs nothing of B's step,
-   and the merge nothing of G: this split is the old refresh (everything after B's step) to the
-   bit (a test runs both), with only one layer's G in memory at a time instead of all of them.
+   fake tensors (memory.py); metrics are 0-dim tensors. P, Q and B are broadcast from rank 0, so
+   ranks agree even if SVDs differ in the last bit. Layers merge one after another: besides W_fp,
+   a merge holds at most three more m×n float32 buffers of one layer. The SVD needs nothing of
+   B's step, and the merge nothing of G: this split is the old refresh (everything after B's
+   step) to the bit (a test runs both), with one layer's G in memory at a time instead of all.
    G is not an optimizer gradient: gradient clipping never sees it (it clips B and the full-rank
    parameters); under float16 it comes from the scaled loss (the SVD does not care).
 5. --optimizer adam8bit: an 8-bit AdamW written here; moments in blocks of 256 on a dynamic
@@ -67,7 +67,7 @@ Memory modes (the paper's abstract: 7B on a 24 GB GPU, 13B with per-layer gradie
   refresh step (detail 2), so one m×n float32 G and its SVD factors exist at a time, whatever the
   depth; what outlives the backward is each layer's encoded new P until the merge (r·min(m, n)
   NF4 codes: 0.5 GiB at 7B, r 1024). Before this, the ordinary step kept every layer's G until
-  after the optimizer step: 24 GiB at 7B, the peak (41.03 GiB; now MEASURED_7B, table below).
+  after the optimizer step: 24 GiB at 7B, the peak (41.03 GiB; now 17.40, table below).
 - Gradient accumulation (k micro-steps, G = Σ over them): the SVD is not linear, so G has to be
   summed in full first; no r-dimensional summary of a micro-step is exact. Micro-steps 1..k−1
   leave, per layer, the smaller of the running sum Σ δᵀx (m·n float32, the original's
@@ -79,10 +79,10 @@ Memory modes (the paper's abstract: 7B on a 24 GB GPU, 13B with per-layer gradie
 - DDP: G is all-reduced inside the backward, on the last micro-step (the one where DDP reduces
   the parameter gradients), layer by layer in backward order, the same order on every rank.
 - Offloading (--use_offloading, the original's flag): what waits between micro-steps (the sums
-  or the pairs) lives on the host (train.offload_device, the CPU); with one micro-step per update
-  nothing waits, so nothing is offloaded. W_fp needs no host copy here: it is built at merge time,
-  one layer at a time (the original builds every layer's W_fp before the forward and parks it on
-  the CPU).
+  or the pairs) and each layer's new P waiting for its merge live on the host
+  (train.offload_device, the CPU); with one micro-step per update that is the P codes alone (0.5
+  GiB at 7B). W_fp needs no host copy here: it is built at merge time, one layer at a time (the
+  original builds every layer's W_fp before the forward and parks it on the CPU).
 - Per-layer updates (train.py --per_layer_updates): B's gradient hook (`param_step`) steps B and
   merges its layer at once (its projection was made just before, in the same backward), so B's
   gradient, too, exists for one layer at a time. The weights equal those of the ordinary step (a
@@ -129,22 +129,30 @@ Memory, estimated by memory.py (fake tensors; micro-batch 1 x 256, vocabulary 32
         [--per_layer_updates --grad_clipping 0] --method_args "loqt=--lora_r R [--optimizer adam8bit] [--use_offloading]"
 
     preset     r     storage   LoQT mode, optimizer              LoQT peak GiB        full-rank, same mode
-    llama_1b   512   float32   whole model, adamw                12.82                24.96
+    llama_1b   512   float32   whole model, adamw                 8.41                24.96
     llama_1b   512   float32   --per_layer_updates, adamw         6.76                18.37
-    llama_1b   512   bfloat16  whole model, adamw                 9.03                12.49
+    llama_1b   512   bfloat16  whole model, adamw                 4.62                12.49
     llama_1b   512   bfloat16  --per_layer_updates, adamw         3.98                 8.28
-    llama_7b   1024  float32   whole model, adam8bit             48.04
-    llama_7b   1024  float32   --use_offloading, adam8bit        23.91 (+24.1 host)
+    llama_7b   1024  float32   whole model, adam8bit             24.40
+    llama_7b   1024  float32   --use_offloading, adam8bit        23.91 (+0.5 host)
     llama_7b   1024  float32   --per_layer_updates, adam8bit     18.74
-    llama_7b   1024  bfloat16  whole model, adam8bit             41.03                62.77
-    llama_7b   1024  bfloat16  --use_offloading, adam8bit        16.90 (+24.1 host)
+    llama_7b   1024  bfloat16  whole model, adam8bit             17.40                62.77
+    llama_7b   1024  bfloat16  --use_offloading, adam8bit        16.90 (+0.5 host)
     llama_7b   1024  bfloat16  --per_layer_updates, adam8bit     14.79                39.59
     llama_13b  1024  bfloat16  --per_layer_updates, adam8bit     23.66
 
-The whole-model peaks are the refresh step's G of every layer (24 GiB at 7B). A float32 B under
-bfloat16 storage measured 22.94 (7B offloading) and 28.38 (13B per-layer). The same two updates
-run for real on the CPU (python memory.py --check: llama_9m and tiny; float32 and bfloat16,
-offloading, per-layer) agree with the estimate to 0.1%. A 7B estimate takes 40-55 s on one CPU core.
+Before the projection moved into the backward, the whole-model peaks were the refresh step's G
+of every layer (24 GiB at 7B): 12.82, 9.03, 48.04 and 41.03 GiB in the rows above, and offloading
+parked those 24.1 GiB on the host. Now they are the optimizer step of the refresh update; at 7B
+bf16: the weights 7.39 (NF4 W 3.39, bf16 B 3.02, embeddings and head 0.49, NF4 P 0.48), the bf16
+gradients 3.50, Adam state 5.0 (8-bit moments of B 3.05, float32 ones of the embeddings and head
+1.95; codes rewritten during the step count as temps), the new P codes waiting for their merges
+0.48 (on the host with --use_offloading: the whole difference to its row) and the step's float32
+workspace (about 1). A float32 B under bfloat16 storage measured 22.94 (7B offloading) and 28.38
+(13B per-layer), before this change. The same two updates run for real on the CPU (python
+memory.py --check, tiny and llama_9m: float32, bfloat16, per-layer, and 2 micro-steps with and
+without offloading; llama_130m) agree with the estimate to 0.1%. A 7B estimate takes 60-160 s on
+one CPU core.
 
 Usage:
     python train.py --method loqt                                  # tiny defaults below
@@ -153,7 +161,7 @@ Usage:
     python train.py --method loqt --model_config llama_350m --lr 0.01 --lora_r 256 --lora_alpha 0.5 \\
         --update_proj_gap 100 --adamw_eps 1e-6 --grad_clipping 0 --refresh_optimizer_state keep  # 350M script
     python train.py --method loqt --model_config llama_7b --storage_dtype bfloat16 --lora_r 1024 \\
-        --optimizer adam8bit --use_offloading --batch_size 1 --max_length 256             # 7B in 24 GiB
+        --optimizer adam8bit --batch_size 1 --max_length 256             # 7B in 24 GiB, no offloading
     python train.py --method loqt --model_config llama_13b --storage_dtype bfloat16 --lora_r 1024 \\
         --optimizer adam8bit --per_layer_updates --grad_clipping 0 --batch_size 1 --max_length 256
 
