@@ -298,8 +298,8 @@ def fit_batch(argv, budget, vocab_size=32000, max_batch=1024, probe=16, log=None
 
 
 def fit_alternatives(method, argv, budget, batch, vocab_size=32000):
-    """What would make `batch` fit: each remedy that applies to the method, alone, then all together, at
-    that batch. -> [{"flags", "peak_bytes", "fits"}] (a remedy the method rejects is left out)."""
+    """What would make `batch` fit: each remedy that applies to the method alone, at that batch, and all
+    of them together when none fits alone. -> [{"flags", "peak_bytes", "fits"}] (a remedy the method rejects is left out)."""
     _, _, mc = configure(argv + ["--batch_size", str(batch)])
     has = lambda flag: flag in argv  # noqa: E731
     cands = []
@@ -314,15 +314,16 @@ def fit_alternatives(method, argv, budget, batch, vocab_size=32000):
     if "bfloat16" not in argv:
         cands.append(["--storage_dtype", "bfloat16"])
     out, ok = [], []
-    for flags in cands + ([sum(cands, [])] if len(cands) > 1 else []):
-        if len(out) == len(cands) and len(ok) < 2:  # "all together" only when it adds something
-            break
+    for flags in cands:
         try:
             r = estimate(argv + flags + ["--batch_size", str(batch)], vocab_size)
-        except train.USER_ERRORS:
+        except train.USER_ERRORS:  # e.g. --per_layer_updates on a method without it
             continue
         out.append({"flags": " ".join(flags), "peak_bytes": r["peak_bytes"], "fits": r["peak_bytes"] <= budget})
         ok.append(flags)
+    if len(ok) > 1 and not any(a["fits"] for a in out):  # no single remedy: all of them together
+        r = estimate(argv + sum(ok, []) + ["--batch_size", str(batch)], vocab_size)
+        out.append({"flags": " ".join(sum(ok, [])), "peak_bytes": r["peak_bytes"], "fits": r["peak_bytes"] <= budget})
     return out
 
 

@@ -64,3 +64,44 @@ def test_estimate_matches_a_real_run_at_llama_130m(method):
     estimate = memory.estimate(argv, device_kind="cpu")["peak_bytes"]
     real = memory.measure(argv)
     assert abs(estimate - real) <= 0.15 * real, (estimate, real)
+
+
+# ----------------------------------------------------------------------------- --fit: the largest micro-batch in a budget
+
+FIT = ["--model_config", "tiny", "--max_length", "32"]
+
+
+def test_fit_finds_the_largest_batch_that_the_estimator_says_fits(tmp_path):
+    """A budget between the estimates at batch 2 and 3 (measured here): the search answers 2, and batch 3
+    is over by the same estimator; LTE (4 heads) searches multiples of 4 only."""
+    est = lambda m, b: memory.estimate(["--method", m] + FIT + ["--batch_size", str(b)], vocab_size=257)["peak_bytes"]  # noqa: E731
+    p2, p3 = est("full", 2), est("full", 3)
+    assert p2 < p3
+    budget = (p2 + p3) // 2
+    rc = memory.main(["--fit", repr(budget / memory.GIB), "--methods", "full", "--vocab_size", "257",
+                      "--out", str(tmp_path), "--fit_max_batch", "4"] + FIT)
+    assert rc == 0
+    js = json.loads((tmp_path / "fit.json").read_text())
+    r = js["methods"]["full"]
+    assert (r["batch_size"], r["step"], r["next_batch_size"], r["capped"]) == (2, 1, 3, False)
+    assert r["peak_bytes"] == p2 <= budget < r["next_peak_bytes"] == p3  # 2 fits, 3 does not
+    assert r["estimates"] <= 4  # 1, 2, 4, then 3
+    assert js["config"]["budget_bytes"] == budget
+    assert set(js["modes"]) == set(memory.fit_modes()) - {"plain"}
+    per_layer = js["modes"]["per_layer_updates"]["methods"]["full"]  # no gradients at the step: more fits
+    assert per_layer["batch_size"] >= 2 and per_layer["peak_bytes"] <= budget
+    assert per_layer["next_peak_bytes"] is None or per_layer["next_peak_bytes"] > budget
+    assert "| full | 2 (" in (tmp_path / "fit.md").read_text()
+
+
+def test_fit_respects_lte_heads_and_says_what_helps_when_nothing_fits():
+    lte = memory.fit_batch(["--method", "lte"] + FIT, memory.estimate(["--method", "lte"] + FIT + ["--batch_size", "4"],
+                                                                      vocab_size=257)["peak_bytes"], vocab_size=257)
+    assert (lte["step"], lte["batch_size"], lte["next_batch_size"]) == (4, 4, 8)  # 4 heads: only multiples of 4
+    p1 = memory.estimate(["--method", "full"] + FIT + ["--batch_size", "1"], vocab_size=257)["peak_bytes"]
+    r = memory.fit_batch(["--method", "full"] + FIT, p1 - 1, vocab_size=257)
+    assert r["batch_size"] == 0 and r["peak_bytes"] is None and r["min_peak_bytes"] == p1
+    alts = memory.fit_alternatives("full", ["--method", "full"] + FIT, p1 - 1, 1, vocab_size=257)
+    flags = {a["flags"]: a for a in alts}
+    assert flags["--storage_dtype bfloat16"]["fits"]  # half the weights: under a budget 1 byte short
+    assert "n/a" == memory.fit_cell(None) and "fits with" in memory.fit_cell(dict(r, alternatives=alts))
