@@ -16,6 +16,7 @@ that train.py reads as the training loop.
 import contextlib
 import dataclasses
 import datetime
+import glob
 import os
 import signal
 import socket
@@ -32,10 +33,14 @@ class TrainingError(Exception):
 
 
 def atomic_save(obj, path):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint. Another
+    writer's temporary file is a killed one's (one run holds a --save_dir): removed."""
     tmp = f"{path}.{os.getpid()}.tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
+    for old in glob.glob(glob.escape(path) + ".*.tmp"):
+        with contextlib.suppress(OSError):
+            os.remove(old)
 
 
 def load_checkpoint(path, what="checkpoint", advice="; move it away to start fresh"):

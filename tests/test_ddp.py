@@ -90,6 +90,13 @@ def test_ranks_wait_for_a_preparation_longer_than_dist_timeout(tmp_path):
         assert not [t for t in threads if "gloo" in t], threads
 
 
+def test_a_checkpoint_write_removes_what_a_killed_writer_left(tmp_path):
+    import runfiles
+    (tmp_path / "ckpt.pt.12345.tmp").write_bytes(b"half a checkpoint")  # its rank 0 was SIGKILLed mid-save
+    runfiles.atomic_save({"step": 1}, str(tmp_path / "ckpt.pt"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
 def test_dist_timeout_must_be_positive(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
